@@ -1,0 +1,83 @@
+"""One node: config in, listeners and spool wired together, graceful stop.
+
+The same program is the ingress (Shanghai) and the egress (Tokyo) node of
+the seed's chain; only the config differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import signal
+
+from . import __version__
+from .config import Config
+from .observe.maillog import MailLog
+from .smtpd.listener import Listener
+from .spool.store import Spool
+
+DRAIN_SECONDS = 30.0
+
+
+def raise_fd_limit() -> None:
+    """A relay holds many connections; the usual soft limit of 1024 is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+class Node:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.maillog = MailLog(cfg.log, cfg.node.hostname)
+        self.spool = Spool(cfg.node.spool)
+        self.spool.min_free = cfg.node.min_free
+        self.listeners: list[Listener] = []
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        notes = await asyncio.to_thread(self.spool.open)
+        for note in notes:
+            self.maillog.emit("master", f"spool recovery: {note}")
+        for lcfg in self.cfg.listeners:
+            listener = Listener(lcfg, self.cfg.node.hostname, self.spool, self.maillog)
+            await listener.start()
+            self.listeners.append(listener)
+        where = ", ".join(lst.cfg.name for lst in self.listeners)
+        self.maillog.emit("master", f"daemon started -- version {__version__}, node "
+                          f"{self.cfg.node.name}, listening on {where}")
+
+    async def stop(self) -> None:
+        """Stop accepting, let messages in DATA finish, then close the spool."""
+        for listener in self.listeners:
+            listener.stop_accepting()
+        await asyncio.gather(*(lst.drain(DRAIN_SECONDS) for lst in self.listeners))
+        await asyncio.to_thread(self.spool.close)
+        self.maillog.emit("master", "terminating on signal")
+        self.maillog.close()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopped.set)
+        try:
+            await self.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.spool.close)
+            raise
+        await self.stopped.wait()
+        await self.stop()
+
+
+def run(cfg: Config) -> None:
+    raise_fd_limit()
+    try:
+        import uvloop
+    except ImportError:  # not on Linux: plain asyncio works, just slower
+        asyncio.run(Node(cfg).serve())
+    else:
+        uvloop.run(Node(cfg).serve())

@@ -1,0 +1,130 @@
+"""SMTP replies: one value type for both directions of the engine.
+
+A reply is a three-digit code, an optional RFC 3463 enhanced status code and
+text lines.  The server formats them; the client parses them.  Keeping both
+in one place means a reply survives a round trip unchanged, which the
+property tests rely on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply.  ``lines`` holds the text without code or enhanced status."""
+
+    code: int
+    enhanced: str = ""
+    lines: tuple[str, ...] = ("",)
+
+    @classmethod
+    def of(cls, code: int, enhanced: str, *lines: str) -> Reply:
+        return cls(code, enhanced, lines or ("",))
+
+    @property
+    def text(self) -> str:
+        """Single-line text including the enhanced code, as logs show it."""
+        body = " ".join(self.lines)
+        return f"{self.code} {self.enhanced} {body}".rstrip() if self.enhanced else (
+            f"{self.code} {body}".rstrip()
+        )
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def to_bytes(self) -> bytes:
+        out = []
+        last = len(self.lines) - 1
+        for i, line in enumerate(self.lines):
+            sep = " " if i == last else "-"
+            # Control characters must never reach the wire (reply injection).
+            clean = "".join(ch if ch >= " " and ch != "\x7f" else "?" for ch in line)
+            if self.enhanced:
+                out.append(f"{self.code}{sep}{self.enhanced} {clean}".rstrip(" ") + "\r\n")
+            else:
+                out.append(f"{self.code}{sep}{clean}".rstrip(" ") + "\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+
+def enhanced_of(text: str) -> tuple[str, str]:
+    """Split ``"2.0.0 Ok"`` into ``("2.0.0", "Ok")``; no code gives ``("", text)``."""
+    head, _, rest = text.partition(" ")
+    if _ENHANCED.match(head):
+        return head, rest
+    return "", text
+
+
+class ReplyParser:
+    """Incremental parser for server replies (used by the client engine).
+
+    Yields complete replies; multi-line replies (``250-``) are joined.
+    Raises ``ValueError`` on a line that is not an SMTP reply, because a
+    client that guesses at garbage is how response injection works.
+    """
+
+    MAX_LINE = 4096
+    MAX_LINES = 200
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pending: list[str] = []
+        self._code = 0
+
+    def feed(self, data: bytes) -> list[Reply]:
+        self._buf += data
+        replies: list[Reply] = []
+        while True:
+            end = self._buf.find(b"\r\n")
+            if end < 0:
+                if len(self._buf) > self.MAX_LINE:
+                    raise ValueError("reply line too long")
+                return replies
+            raw = bytes(self._buf[:end])
+            del self._buf[: end + 2]
+            reply = self._line(raw)
+            if reply is not None:
+                replies.append(reply)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def discard_buffer(self) -> None:
+        """Drop unread bytes: after STARTTLS's 220 nothing in clear may be trusted."""
+        self._buf.clear()
+
+    def _line(self, raw: bytes) -> Reply | None:
+        if len(raw) < 3 or not raw[:3].isdigit() or (len(raw) > 3 and raw[3:4] not in b" -"):
+            raise ValueError(f"malformed reply line: {raw[:60]!r}")
+        code = int(raw[:3])
+        if self._pending and code != self._code:
+            raise ValueError("reply code changed inside a multi-line reply")
+        self._code = code
+        text = raw[4:].decode("utf-8", "replace")
+        self._pending.append(text)
+        if len(self._pending) > self.MAX_LINES:
+            raise ValueError("too many reply lines")
+        if raw[3:4] == b"-":
+            return None
+        lines = self._pending
+        self._pending = []
+        enhanced, first = enhanced_of(lines[0])
+        if enhanced:
+            rest = [enhanced_of(line)[1] if line.startswith(enhanced) else line
+                    for line in lines[1:]]
+            return Reply(code, enhanced, (first, *rest))
+        return Reply(code, "", tuple(lines))

@@ -1,0 +1,60 @@
+"""The queued message as the rest of mailhop sees it.
+
+The spool stores exactly these fields; delivery reads them back.  Message
+bytes are kept as received (plus our ``Received:`` line) because a relay
+must not re-serialise mail (RFC 5321 4.5.2, and the Python ``email``
+header-injection CVEs in the requirements).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RcptState(enum.StrEnum):
+    QUEUED = "queued"
+    ACTIVE = "active"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    BOUNCED = "bounced"
+    HELD = "held"
+
+
+#: States in which a recipient still needs work.
+PENDING_STATES = (RcptState.QUEUED, RcptState.ACTIVE, RcptState.DEFERRED, RcptState.HELD)
+
+
+@dataclass(slots=True)
+class Recipient:
+    address: str
+    params: dict[str, str | None] = field(default_factory=dict)
+    state: RcptState = RcptState.QUEUED
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str = ""
+
+
+@dataclass(slots=True)
+class Envelope:
+    """Who sent what to whom, and how it reached us."""
+
+    sender: str
+    recipients: list[Recipient]
+    sender_params: dict[str, str | None] = field(default_factory=dict)
+    client_addr: str = ""
+    client_name: str = "unknown"
+    helo: str = ""
+    protocol: str = "ESMTP"
+    auth_user: str | None = None
+    listener: str = ""
+    message_id: str = ""
+
+
+@dataclass(slots=True)
+class QueuedMessage:
+    queue_id: str
+    arrival: float
+    size: int
+    envelope: Envelope
+    held: bool = False

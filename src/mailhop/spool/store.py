@@ -1,0 +1,354 @@
+"""The durable spool: SQLite (WAL, ``synchronous=FULL``) with group commit.
+
+Why this shape (measured reasons in ``shared/DESIGN.md``): one transaction
+per message tops out at a few thousand commits a second because every
+commit is an fsync; one writer thread that commits whatever is waiting as
+one batch turns N fsyncs into one while each session still waits for *its*
+message's commit before answering 250.  ``synchronous=NORMAL`` would be
+faster and can lose acknowledged mail on power loss, so it is not an option.
+
+Bodies larger than ``INLINE_LIMIT`` go to files next to the database; the
+writer fsyncs each file and the directory before the commit that makes the
+row visible, so a committed row always has its body and an uncommitted
+body file is an orphan that :meth:`Spool.open` removes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .model import Envelope, QueuedMessage, RcptState, Recipient
+from .queueid import QueueIdGenerator
+
+T = TypeVar("T")
+
+INLINE_LIMIT = 1 << 20
+MAX_BATCH = 1024
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS message (
+    id            TEXT PRIMARY KEY,
+    arrival       REAL NOT NULL,
+    size          INTEGER NOT NULL,
+    sender        TEXT NOT NULL,
+    sender_params TEXT NOT NULL,
+    client_addr   TEXT NOT NULL,
+    client_name   TEXT NOT NULL,
+    helo          TEXT NOT NULL,
+    protocol      TEXT NOT NULL,
+    auth_user     TEXT,
+    listener      TEXT NOT NULL,
+    message_id    TEXT NOT NULL,
+    held          INTEGER NOT NULL DEFAULT 0,
+    body          BLOB,
+    body_file     TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS recipient (
+    message      TEXT NOT NULL REFERENCES message(id) ON DELETE CASCADE,
+    idx          INTEGER NOT NULL,
+    address      TEXT NOT NULL,
+    params       TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_reply   TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (message, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS recipient_due ON recipient(state, next_attempt);
+"""
+
+
+class StoreError(Exception):
+    """The spool could not make a message durable; the client must retry later."""
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+class SpoolLocked(Exception):
+    """Another process already runs a node on this spool."""
+
+
+def _classify(exc: BaseException) -> StoreError:
+    text = str(exc)
+    full = (
+        isinstance(exc, sqlite3.OperationalError) and "full" in text
+    ) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+    return StoreError(text, full=full)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Job:
+    __slots__ = ("error", "fn", "future", "loop", "result")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], loop: asyncio.AbstractEventLoop,
+                 future: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.future = future
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _settle(jobs: list[_Job]) -> None:
+    for job in jobs:
+        if job.future.done():
+            continue
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        else:
+            job.future.set_result(job.result)
+
+
+class Spool:
+    """A node's queue on disk.  One :class:`Spool` (one writer) per directory."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.db_path = self.directory / "spool.db"
+        self.body_dir = self.directory / "bodies"
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self.ids = QueueIdGenerator()
+        self.commit_seconds = 0.0
+        self.commits = 0
+        self.min_free = 0
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    # -- lifecycle --------------------------------------------------------
+    def open(self) -> list[str]:
+        """Lock the spool, create or recover it, start the writer.  Returns notes."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.body_dir.mkdir(exist_ok=True, mode=0o700)
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"spool {self.directory} is in use by another mailhop") from None
+        self._lock_fd = fd
+        self._db = _connect(self.db_path)
+        self._db.executescript(SCHEMA)
+        notes = self._recover(self._db)
+        newest = self._db.execute("SELECT max(id) FROM message").fetchone()[0]
+        self.ids = QueueIdGenerator(newest)
+        self._writer = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._writer.start()
+        return notes
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._jobs.put(None)
+            self._writer.join()
+            self._writer = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _recover(self, db: sqlite3.Connection) -> list[str]:
+        """Make the spool consistent after any crash: the quick startup check."""
+        notes = []
+        known = {row[0] for row in db.execute(
+            "SELECT body_file FROM message WHERE body_file IS NOT NULL")}
+        for path in self.body_dir.iterdir():
+            if path.name not in known:
+                path.unlink(missing_ok=True)  # written but never committed: not accepted
+                notes.append(f"removed uncommitted body {path.name}")
+        cur = db.execute("UPDATE recipient SET state = ? WHERE state = ?",
+                         (RcptState.QUEUED.value, RcptState.ACTIVE.value))
+        if cur.rowcount:
+            notes.append(f"requeued {cur.rowcount} recipients that were in delivery")
+        return notes
+
+    # -- the writer -------------------------------------------------------
+    def _run(self) -> None:
+        db = self._db
+        assert db is not None
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._commit(db, batch)
+            if stop:
+                return
+
+    def _commit(self, db: sqlite3.Connection, batch: list[_Job]) -> None:
+        started = time.monotonic()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                job.result = job.fn(db)
+            if self._dirty_bodies:
+                _fsync_dir(self.body_dir)
+                self._dirty_bodies = False
+            db.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            self._dirty_bodies = False
+            if len(batch) > 1:
+                for job in batch:  # isolate the failing job; the others may be fine
+                    self._commit(db, [job])
+                return
+            batch[0].error = _classify(exc)
+        self.commit_seconds += time.monotonic() - started
+        self.commits += 1
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        for job in batch:
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(_settle, jobs)
+
+    _dirty_bodies = False
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` inside the next group commit; return once it is durable."""
+        if self._writer is None:
+            raise StoreError("spool is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_Job(fn, loop, future))
+        return await future
+
+    # -- operations -------------------------------------------------------
+    async def enqueue(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
+        """Store a message durably.  Raises :class:`StoreError` if it is not."""
+        await self.write(lambda db: self._insert(db, queue_id, envelope, data))
+
+    def _insert(self, db: sqlite3.Connection, queue_id: str, env: Envelope, data: bytes) -> None:
+        body: bytes | None = data
+        body_file = None
+        if len(data) > INLINE_LIMIT:
+            body, body_file = None, queue_id
+            self._write_body(self.body_dir / queue_id, data)
+            self._dirty_bodies = True
+        db.execute(
+            "INSERT INTO message (id, arrival, size, sender, sender_params, client_addr,"
+            " client_name, helo, protocol, auth_user, listener, message_id, body, body_file)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (queue_id, time.time(), len(data), env.sender, json.dumps(env.sender_params),
+             env.client_addr, env.client_name, env.helo, env.protocol, env.auth_user,
+             env.listener, env.message_id, body, body_file),
+        )
+        db.executemany(
+            "INSERT INTO recipient (message, idx, address, params, state) VALUES (?,?,?,?,?)",
+            [(queue_id, i, r.address, json.dumps(r.params), RcptState.QUEUED.value)
+             for i, r in enumerate(env.recipients)],
+        )
+
+    @staticmethod
+    def _write_body(path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -- reading (CLI, delivery) -------------------------------------------------
+
+def _row_to_message(row: sqlite3.Row, recipients: list[Recipient]) -> QueuedMessage:
+    env = Envelope(
+        sender=row["sender"], recipients=recipients,
+        sender_params=json.loads(row["sender_params"]), client_addr=row["client_addr"],
+        client_name=row["client_name"], helo=row["helo"], protocol=row["protocol"],
+        auth_user=row["auth_user"], listener=row["listener"], message_id=row["message_id"],
+    )
+    return QueuedMessage(row["id"], row["arrival"], row["size"], env, bool(row["held"]))
+
+
+class SpoolReader:
+    """Read-only view for tools; safe while a node is writing (WAL readers)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        path = self.directory / "spool.db"
+        if not path.exists():
+            raise FileNotFoundError(f"no spool at {self.directory}")
+        self._db = sqlite3.connect(path, timeout=5.0)
+        self._db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _recipients(self, queue_id: str) -> list[Recipient]:
+        return [
+            Recipient(r["address"], json.loads(r["params"]), RcptState(r["state"]),
+                      r["attempts"], r["next_attempt"], r["last_reply"])
+            for r in self._db.execute(
+                "SELECT * FROM recipient WHERE message = ? ORDER BY idx", (queue_id,))
+        ]
+
+    def messages(self) -> Iterator[QueuedMessage]:
+        rows = self._db.execute(
+            "SELECT id, arrival, size, sender, sender_params, client_addr, client_name, helo,"
+            " protocol, auth_user, listener, message_id, held FROM message ORDER BY id"
+        ).fetchall()
+        for row in rows:
+            yield _row_to_message(row, self._recipients(row["id"]))
+
+    def get(self, queue_id: str) -> QueuedMessage | None:
+        row = self._db.execute("SELECT * FROM message WHERE id = ?", (queue_id,)).fetchone()
+        if row is None:
+            return None
+        return _row_to_message(row, self._recipients(queue_id))
+
+    def body(self, queue_id: str) -> bytes | None:
+        row = self._db.execute("SELECT body, body_file FROM message WHERE id = ?",
+                               (queue_id,)).fetchone()
+        if row is None:
+            return None
+        if row["body_file"]:
+            return (self.directory / "bodies" / row["body_file"]).read_bytes()
+        return bytes(row["body"])
