@@ -1,0 +1,228 @@
+"""Test helpers: real mailhop nodes as subprocesses, real Postfix instances, certificates.
+
+Everything binds to loopback.  Peers from Debian packages are required in
+CI (``CI=true``): a missing one fails the test instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_peer(*commands: str) -> None:
+    """Skip locally, fail in CI, when a Debian peer program is missing."""
+    missing = [c for c in commands if shutil.which(c) is None
+               and not Path("/usr/sbin", c).exists()]
+    if missing:
+        message = f"peer program(s) not installed: {', '.join(missing)}"
+        if IN_CI:
+            pytest.fail(message + " (CI must install them: see .ci/run)")
+        pytest.skip(message)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Certs:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_certs(directory: Path, *names: str) -> Certs:
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert(*(names or ("localhost", "127.0.0.1", "::1")))
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = Certs(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    ca.cert_pem.write_to_path(str(paths.ca))
+    server.cert_chain_pems[0].write_to_path(str(paths.cert))
+    server.private_key_pem.write_to_path(str(paths.key))
+    paths.key.chmod(0o600)
+    return paths
+
+
+def mailhop(*args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mailhop", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class MailhopNode:
+    """A real ``mailhop serve`` process with its own config, spool and maillog."""
+
+    def __init__(self, directory: Path, *, listen: str = "", extra: str = "",
+                 host: str = "127.0.0.1", networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
+                 name: str = "node") -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.port = free_port(host)
+        self.name = name
+        self.maillog = self.dir / "maillog"
+        self.spool = self.dir / "spool"
+        self.config = self.dir / "node.toml"
+        addr = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        nets = ", ".join(f'"{n}"' for n in networks)
+        self.config.write_text(textwrap.dedent(f"""\
+            [node]
+            name = "{name}"
+            hostname = "{name}.test"
+            spool = "{self.spool}"
+            min_free = "1M"
+
+            [[listen]]
+            address = "{addr}"
+            networks = [{nets}]
+            """) + textwrap.dedent(listen) + "\n" + textwrap.dedent(f"""\
+            [log]
+            maillog = "{self.maillog}"
+            """) + textwrap.dedent(extra))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MailhopNode:
+        self.stderr = open(self.dir / "stderr.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mailhop", "serve", "-c", str(self.config)],
+            stdout=self.stderr, stderr=self.stderr)
+        try:
+            wait_port(self.host, self.port)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError("mailhop did not start: "
+                               + (self.dir / "stderr.log").read_text()[-2000:]) from None
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        self.stderr.close()
+        return code
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def queue(self) -> list[dict]:
+        result = mailhop("queue", "list", "--json", "--spool", str(self.spool))
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def log(self) -> str:
+        return self.maillog.read_text() if self.maillog.exists() else ""
+
+
+class PostfixInstance:
+    """A private Postfix instance (own config, queue and maillog) on loopback."""
+
+    def __init__(self, directory: Path, *, relayhost: str | None = None,
+                 main_extra: str = "", sink: bool = False) -> None:
+        require_peer("postfix")
+        self.dir = directory
+        self.port = free_port()
+        self.conf = self.dir / "conf"
+        self.maillog = self.dir / "maillog"
+        for sub in ("conf", "queue", "data"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.dir / "data", "postfix")
+        relay = f"relayhost = {relayhost}" if relayhost else ""
+        (self.conf / "main.cf").write_text(textwrap.dedent(f"""\
+            compatibility_level = 3.6
+            queue_directory = {self.dir}/queue
+            data_directory = {self.dir}/data
+            mail_owner = postfix
+            setgid_group = postdrop
+            myhostname = postfix-{self.port}.test
+            inet_interfaces = 127.0.0.1
+            inet_protocols = ipv4
+            mynetworks = 127.0.0.0/8
+            mydestination =
+            {relay}
+            maillog_file = {self.maillog}
+            maillog_file_prefixes = {self.dir}
+            alias_maps =
+            alias_database =
+            smtp_tls_security_level = none
+            smtpd_tls_security_level = none
+            minimal_backoff_time = 2s
+            maximal_backoff_time = 4s
+            queue_run_delay = 2s
+            """) + textwrap.dedent(main_extra))
+        master = Path("/etc/postfix/master.cf").read_text()
+        master = re.sub(r"(?m)^smtp\s+inet\s.*$",
+                        f"127.0.0.1:{self.port} inet n - n - - smtpd", master)
+        (self.conf / "master.cf").write_text(master)
+
+    def postconf(self, *settings: str) -> None:
+        subprocess.run(["postconf", "-c", str(self.conf), "-e", *settings], check=True)
+
+    def start(self) -> PostfixInstance:
+        subprocess.run(["postfix", "-c", str(self.conf), "start"], check=True,
+                       capture_output=True)
+        wait_port("127.0.0.1", self.port)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.conf), "stop"], capture_output=True)
+        # master exits asynchronously; wait so the next test can reuse nothing by accident
+        pid_file = self.dir / "queue" / "pid" / "master.pid"
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: not pid_file.exists(), timeout=10, what="postfix stop")
+
+    def flush(self) -> None:
+        subprocess.run(["postqueue", "-c", str(self.conf), "-f"], capture_output=True)
+
+    def log(self) -> str:
+        return self.maillog.read_text() if self.maillog.exists() else ""
+
+    def wait_log(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        regex = re.compile(pattern)
+        return wait_for(lambda: regex.search(self.log()), timeout=timeout,
+                        what=f"{pattern!r} in postfix log")
