@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import dataclass
@@ -163,9 +164,14 @@ class PostfixInstance:
     """A private Postfix instance (own config, queue and maillog) on loopback."""
 
     def __init__(self, directory: Path, *, relayhost: str | None = None,
-                 main_extra: str = "", sink: bool = False) -> None:
+                 main_extra: str = "") -> None:
         require_peer("postfix")
-        self.dir = directory
+        # Postfix daemons run as the postfix user: pytest's 0700 tmp dirs are closed
+        # to them, so the instance lives in a world-traversable directory of its own.
+        self.dir = Path(tempfile.mkdtemp(prefix="mailhop-postfix-"))
+        self.dir.chmod(0o755)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.keep = directory
         self.port = free_port()
         self.conf = self.dir / "conf"
         self.maillog = self.dir / "maillog"
@@ -215,6 +221,9 @@ class PostfixInstance:
         pid_file = self.dir / "queue" / "pid" / "master.pid"
         with contextlib.suppress(TimeoutError):
             wait_for(lambda: not pid_file.exists(), timeout=10, what="postfix stop")
+        with contextlib.suppress(OSError):  # keep the log with the test's files
+            shutil.copy(self.maillog, self.keep / "postfix-maillog")
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def flush(self) -> None:
         subprocess.run(["postqueue", "-c", str(self.conf), "-f"], capture_output=True)
