@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mailhop.protocol import (  # noqa: E402
+from mailhop.protocol import (
     CLOSED,
     NEED_DATA,
     PAUSED,

@@ -84,7 +84,8 @@ def make_certs(directory: Path, *names: str) -> Certs:
     return paths
 
 
-def mailhop(*args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def mailhop(*args: str, stdin: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mailhop", *args], input=stdin,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import make_certs, mailhop
+from support import mailhop, make_certs
 
 GOOD = """\
 [node]

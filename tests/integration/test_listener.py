@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from support import MailhopNode, make_certs, mailhop, wait_for
+from support import MailhopNode, mailhop, make_certs, wait_for
 
-MSG = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\nMessage-ID: <m1@test>\r\n\r\nhello\r\n"
+MSG = (b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\nMessage-ID: <m1@test>\r\n"
+       b"\r\nhello\r\n")
 
 
 @pytest.fixture

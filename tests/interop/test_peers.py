@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import MailhopNode, PostfixInstance, make_certs, mailhop, require_peer
+from support import MailhopNode, PostfixInstance, mailhop, make_certs, require_peer
 
 pytestmark = pytest.mark.interop
 
