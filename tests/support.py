@@ -202,7 +202,10 @@ class PostfixInstance:
             maximal_backoff_time = 4s
             queue_run_delay = 2s
             """) + textwrap.dedent(main_extra))
-        master = Path("/etc/postfix/master.cf").read_text()
+        master_cf = Path("/etc/postfix/master.cf")
+        if not master_cf.exists():  # package installed with "No configuration"
+            master_cf = Path("/usr/share/postfix/master.cf.dist")
+        master = master_cf.read_text()
         master = re.sub(r"(?m)^smtp\s+inet\s.*$",
                         f"127.0.0.1:{self.port} inet n - n - - smtpd", master)
         (self.conf / "master.cf").write_text(master)

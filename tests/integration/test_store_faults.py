@@ -99,7 +99,7 @@ async def test_broken_store_gives_451(tmp_path: Path) -> None:
     def broken(*args: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    spool._insert = broken  # type: ignore[method-assign]
+    spool._insert_rows = broken  # type: ignore[method-assign]
     cfg = ListenConfig(name="t", host="127.0.0.1", port=0, networks=())
     log = MailLog(LogConfig(maillog=str(tmp_path / "maillog")))
     listener = Listener(cfg, "mx.test", spool, log)

@@ -30,8 +30,11 @@ class AddressError(ValueError):
     """Raised with a short human reason; the engine picks the reply code."""
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _has_controls(text: str) -> bool:
-    return any(ch < " " or ch == "\x7f" for ch in text)
+    return _CONTROLS.search(text) is not None
 
 
 def needs_utf8(text: str) -> bool:

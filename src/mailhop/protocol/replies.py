@@ -49,14 +49,12 @@ class Reply:
     def to_bytes(self) -> bytes:
         out = []
         last = len(self.lines) - 1
+        prefix = f"{self.enhanced} " if self.enhanced else ""
         for i, line in enumerate(self.lines):
+            if not line.isprintable():  # control characters never reach the wire
+                line = "".join(ch if ch.isprintable() else "?" for ch in line)
             sep = " " if i == last else "-"
-            # Control characters must never reach the wire (reply injection).
-            clean = "".join(ch if ch >= " " and ch != "\x7f" else "?" for ch in line)
-            if self.enhanced:
-                out.append(f"{self.code}{sep}{self.enhanced} {clean}".rstrip(" ") + "\r\n")
-            else:
-                out.append(f"{self.code}{sep}{clean}".rstrip(" ") + "\r\n")
+            out.append(f"{self.code}{sep}{prefix}{line}".rstrip(" ") + "\r\n")
         return "".join(out).encode("utf-8", "replace")
 
 

@@ -82,6 +82,19 @@ R_AUTH_CANCELLED = Reply.of(501, "5.0.0", "Authentication cancelled")
 R_BAD_BASE64 = Reply.of(501, "5.5.2", "Error: invalid base64 data")
 
 
+_ENCODED: dict[Reply, bytes] = {}
+
+
+def _encoded(reply: Reply) -> bytes:
+    """Reply bytes, cached for the fixed replies that make up most of a session."""
+    data = _ENCODED.get(reply)
+    if data is None:
+        data = reply.to_bytes()
+        if len(_ENCODED) < 512:
+            _ENCODED[reply] = data
+    return data
+
+
 class State(enum.Enum):
     COMMAND = "command"
     DATA = "data"
@@ -171,7 +184,7 @@ class ServerConnection:
         return out
 
     def _reply(self, reply: Reply) -> None:
-        self._out.append(reply.to_bytes())
+        self._out.append(_encoded(reply))
         if reply.code >= 400:
             self._errors += 1
             if self._errors >= self._cfg.max_errors and self.state is not State.CLOSED:
@@ -216,12 +229,12 @@ class ServerConnection:
     def accept(self, text: str | None = None) -> None:
         """Accept the pending event; ``text`` replaces the default reply text."""
         event = self._take_pending()
-        if isinstance(event, MailFrom):
-            self.sender, self.sender_params = event.sender, event.params
-            self._reply(Reply.of(250, "2.1.0", text or "Ok"))
-        elif isinstance(event, RcptTo):
+        if isinstance(event, RcptTo):
             self.recipients.append((event.recipient, event.params))
-            self._reply(Reply.of(250, "2.1.5", text or "Ok"))
+            self._reply(Reply.of(250, "2.1.5", text) if text else R_RCPT_OK)
+        elif isinstance(event, MailFrom):
+            self.sender, self.sender_params = event.sender, event.params
+            self._reply(Reply.of(250, "2.1.0", text) if text else R_SENDER_OK)
         elif isinstance(event, AuthRequest):
             self.authenticated = event.username
             self._reply(Reply.of(235, "2.7.0", text or "Authentication successful"))

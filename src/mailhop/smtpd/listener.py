@@ -53,6 +53,18 @@ R_SHUTDOWN = Reply.of(421, "4.3.2", "Service shutting down, try again later")
 R_TIMEOUT = Reply.of(421, "4.4.2", "Error: timeout exceeded")
 
 
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _rfc5322_date() -> str:
+    """``Fri, 27 Nov 2026 18:38:54 +0000``, formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, localtime=True))
+    return _date_cache[1]
+
+
 def _safe(text: str, limit: int = 255) -> str:
     """Header-safe form of client-supplied text: no controls, no spaces."""
     return _UNSAFE.sub("?", text)[:limit] or "?"
@@ -375,7 +387,7 @@ class Session(asyncio.Protocol):
         header = (
             f"Received: from {_safe(conn.helo or '')} (unknown [{self.addr}]){tls}\r\n"
             f"\tby {self.listener.hostname} (mailhop) with {protocol} id {queue_id}{rcpt};"
-            f"\r\n\t{formatdate(localtime=True)}\r\n"
+            f"\r\n\t{_rfc5322_date()}\r\n"
         )
         return header.encode("utf-8", "replace")
 

@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS message (
     held          INTEGER NOT NULL DEFAULT 0,
     body          BLOB,
     body_file     TEXT
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS recipient (
     message      TEXT NOT NULL REFERENCES message(id) ON DELETE CASCADE,
     idx          INTEGER NOT NULL,
@@ -106,12 +106,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _Job:
-    __slots__ = ("error", "fn", "future", "loop", "result")
+_INSERT_MESSAGE = (
+    "INSERT INTO message (id, arrival, size, sender, sender_params, client_addr, client_name,"
+    " helo, protocol, auth_user, listener, message_id, body, body_file)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+_INSERT_RECIPIENT = (
+    "INSERT INTO recipient (message, idx, address, params, state) VALUES (?,?,?,?,?)")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], loop: asyncio.AbstractEventLoop,
-                 future: asyncio.Future[Any]) -> None:
+
+def _params_json(params: dict[str, str | None]) -> str:
+    return json.dumps(params) if params else "{}"
+
+
+class _Insert:
+    """A new message's rows, built on the event loop so the writer only executes them."""
+
+    __slots__ = ("body_file", "data", "message", "recipients")
+
+    def __init__(self, message: tuple[Any, ...], recipients: list[tuple[Any, ...]],
+                 body_file: Path | None, data: bytes) -> None:
+        self.message, self.recipients = message, recipients
+        self.body_file, self.data = body_file, data
+
+
+class _Job:
+    __slots__ = ("error", "fn", "future", "insert", "loop", "result")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any] | None,
+                 loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any],
+                 insert: _Insert | None = None) -> None:
         self.fn = fn
+        self.insert = insert
         self.loop = loop
         self.future = future
         self.result: Any = None
@@ -223,16 +248,28 @@ class Spool:
         started = time.monotonic()
         try:
             db.execute("BEGIN IMMEDIATE")
+            messages: list[tuple[Any, ...]] = []
+            recipients: list[tuple[Any, ...]] = []
+            bodies = False
             for job in batch:
+                insert = job.insert
+                if insert is not None:
+                    if insert.body_file is not None:
+                        self._write_body(insert.body_file, insert.data)
+                        bodies = True
+                    messages.append(insert.message)
+                    recipients.extend(insert.recipients)
+                    continue
+                self._insert_rows(db, messages, recipients)  # keep the batch's order
+                assert job.fn is not None
                 job.result = job.fn(db)
-            if self._dirty_bodies:
+            self._insert_rows(db, messages, recipients)
+            if bodies:
                 _fsync_dir(self.body_dir)
-                self._dirty_bodies = False
             db.execute("COMMIT")
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            self._dirty_bodies = False
             if len(batch) > 1:
                 for job in batch:  # isolate the failing job; the others may be fine
                     self._commit(db, [job])
@@ -247,7 +284,14 @@ class Spool:
             with contextlib.suppress(RuntimeError):  # loop already closed
                 loop.call_soon_threadsafe(_settle, jobs)
 
-    _dirty_bodies = False
+    @staticmethod
+    def _insert_rows(db: sqlite3.Connection, messages: list[tuple[Any, ...]],
+                     recipients: list[tuple[Any, ...]]) -> None:
+        if messages:
+            db.executemany(_INSERT_MESSAGE, messages)
+            db.executemany(_INSERT_RECIPIENT, recipients)
+            messages.clear()
+            recipients.clear()
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` inside the next group commit; return once it is durable."""
@@ -259,30 +303,23 @@ class Spool:
         return await future
 
     # -- operations -------------------------------------------------------
-    async def enqueue(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
+    async def enqueue(self, queue_id: str, env: Envelope, data: bytes) -> None:
         """Store a message durably.  Raises :class:`StoreError` if it is not."""
-        await self.write(lambda db: self._insert(db, queue_id, envelope, data))
-
-    def _insert(self, db: sqlite3.Connection, queue_id: str, env: Envelope, data: bytes) -> None:
-        body: bytes | None = data
-        body_file = None
-        if len(data) > INLINE_LIMIT:
-            body, body_file = None, queue_id
-            self._write_body(self.body_dir / queue_id, data)
-            self._dirty_bodies = True
-        db.execute(
-            "INSERT INTO message (id, arrival, size, sender, sender_params, client_addr,"
-            " client_name, helo, protocol, auth_user, listener, message_id, body, body_file)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (queue_id, time.time(), len(data), env.sender, json.dumps(env.sender_params),
-             env.client_addr, env.client_name, env.helo, env.protocol, env.auth_user,
-             env.listener, env.message_id, body, body_file),
-        )
-        db.executemany(
-            "INSERT INTO recipient (message, idx, address, params, state) VALUES (?,?,?,?,?)",
-            [(queue_id, i, r.address, json.dumps(r.params), RcptState.QUEUED.value)
-             for i, r in enumerate(env.recipients)],
-        )
+        if self._writer is None:
+            raise StoreError("spool is not open")
+        large = len(data) > INLINE_LIMIT
+        message = (queue_id, time.time(), len(data), env.sender, _params_json(env.sender_params),
+                   env.client_addr, env.client_name, env.helo, env.protocol, env.auth_user,
+                   env.listener, env.message_id, None if large else data,
+                   queue_id if large else None)
+        queued = RcptState.QUEUED.value
+        recipients = [(queue_id, i, r.address, _params_json(r.params), queued)
+                      for i, r in enumerate(env.recipients)]
+        insert = _Insert(message, recipients, self.body_dir / queue_id if large else None, data)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._jobs.put(_Job(None, loop, future, insert))
+        await future
 
     @staticmethod
     def _write_body(path: Path, data: bytes) -> None:

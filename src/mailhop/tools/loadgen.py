@@ -1,0 +1,168 @@
+"""A pipelining SMTP load generator (like Postfix's ``smtp-source``, but pipelined).
+
+Each session keeps one connection and sends one message per round trip:
+the end of one message's data, the next ``MAIL``, ``RCPT`` and ``DATA``
+go out together (RFC 2920 lets message content start a group).  Every
+message carries a unique ``X-Mailhop-Token`` header, and the generator
+records which tokens got a 250, so a test can prove that nothing acked was
+lost downstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from ..protocol.replies import Reply, ReplyParser
+
+
+@dataclass
+class LoadResult:
+    sent: int = 0
+    acked: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return len(self.acked) / self.seconds if self.seconds else 0.0
+
+
+def make_message(token: str, size: int, sender: str, rcpt: str) -> bytes:
+    head = (f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: load {token}\r\n"
+            f"Message-ID: <{token}@loadgen.test>\r\nX-Mailhop-Token: {token}\r\n\r\n").encode()
+    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\r\n"
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+class _Session(asyncio.Protocol):
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.parser = ReplyParser()
+        self.replies: asyncio.Queue[Reply] = asyncio.Queue()
+        self.done = done
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for reply in self.parser.feed(data):
+                self.replies.put_nowait(reply)
+        except ValueError as exc:
+            self.replies.put_nowait(Reply.of(599, "", f"bad reply: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.replies.put_nowait(Reply.of(599, "", "connection lost"))
+
+
+async def _session(host: str, port: int, tokens: asyncio.Queue[str], size: int,
+                   sender: str, rcpt: str, result: LoadResult,
+                   source: str | None) -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    try:
+        transport, proto = await loop.create_connection(
+            lambda: _Session(done), host, port,
+            local_addr=(source, 0) if source else None)
+    except OSError as exc:
+        result.errors.append(f"connect: {exc}")
+        return
+    assert isinstance(proto, _Session)
+    get = proto.replies.get
+    try:
+        if (await get()).code != 220:
+            result.errors.append("no greeting")
+            return
+        transport.write(b"EHLO loadgen.test\r\n")
+        if (await get()).code != 250:
+            result.errors.append("EHLO refused")
+            return
+        envelope = f"MAIL FROM:<{sender}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode()
+        pending = b""  # the previous message's data, sent with this envelope
+        previous: str | None = None
+        while True:
+            token = tokens.get_nowait() if not tokens.empty() else None
+            if token is None:
+                break
+            transport.write(pending + envelope)
+            if previous is not None:
+                _record(await get(), previous, result)
+                previous = None
+            mail, rcpt_reply, data = await get(), await get(), await get()
+            result.sent += 1
+            if data.code != 354:
+                bad = mail if mail.code != 250 else rcpt_reply if rcpt_reply.code != 250 else data
+                result.refused.append((token, bad.text))
+                pending = b""
+                if bad.code >= 421 and mail.code == 421:
+                    return
+                continue
+            message = make_message(token, size, sender, rcpt)
+            pending = message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+            previous = token
+        transport.write(pending + b"QUIT\r\n")
+        if previous is not None:
+            _record(await get(), previous, result)
+    finally:
+        transport.close()
+
+
+def _record(reply: Reply, token: str, result: LoadResult) -> None:
+    if reply.code == 250:
+        result.acked.append(token)
+    else:
+        result.refused.append((token, reply.text))
+
+
+async def run_load(host: str, port: int, *, messages: int, sessions: int = 20,
+                   size: int = 4096, sender: str = "load@example.org",
+                   rcpt: str = "sink@example.com", prefix: str = "",
+                   source: str | None = None) -> LoadResult:
+    """Send ``messages`` messages over ``sessions`` pipelining connections."""
+    tokens: asyncio.Queue[str] = asyncio.Queue()
+    stamp = prefix or f"t{time.time_ns():x}"
+    for i in range(messages):
+        tokens.put_nowait(f"{stamp}-{i:07d}")
+    result = LoadResult()
+    started = time.perf_counter()
+    await asyncio.gather(*(_session(host, port, tokens, size, sender, rcpt, result, source)
+                           for _ in range(sessions)))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="mailhop-loadgen", description=__doc__.splitlines()[0])
+    parser.add_argument("server", help="HOST:PORT")
+    parser.add_argument("-m", "--messages", type=int, default=1000)
+    parser.add_argument("-s", "--sessions", type=int, default=20)
+    parser.add_argument("-l", "--size", type=int, default=4096)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    host, _, port = args.server.rpartition(":")
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    result = runner(run_load(host.strip("[]"), int(port), messages=args.messages,
+                             sessions=args.sessions, size=args.size))
+    if args.json:
+        print(json.dumps({"acked": len(result.acked), "refused": len(result.refused),
+                          "errors": result.errors, "seconds": result.seconds,
+                          "rate": result.rate}))
+    else:
+        print(f"{len(result.acked)} acked, {len(result.refused)} refused, "
+              f"{len(result.errors)} errors in {result.seconds:.2f}s = {result.rate:.0f} msg/s")
+    return 0 if len(result.acked) == args.messages else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
