@@ -21,4 +21,4 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
