@@ -95,14 +95,14 @@ class MailhopNode:
 
     def __init__(self, directory: Path, *, listen: str = "", extra: str = "",
                  host: str = "127.0.0.1", networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
-                 name: str = "node") -> None:
+                 name: str = "node", spool: Path | None = None, min_free: str = "1M") -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = free_port(host)
         self.name = name
         self.maillog = self.dir / "maillog"
-        self.spool = self.dir / "spool"
+        self.spool = spool or self.dir / "spool"
         self.config = self.dir / "node.toml"
         addr = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         nets = ", ".join(f'"{n}"' for n in networks)
@@ -111,7 +111,7 @@ class MailhopNode:
             name = "{name}"
             hostname = "{name}.test"
             spool = "{self.spool}"
-            min_free = "1M"
+            min_free = "{min_free}"
 
             [[listen]]
             address = "{addr}"

@@ -55,12 +55,7 @@ def send(node: MailhopNode, data: bytes = MSG) -> tuple[int, bytes]:
 
 
 def test_disk_full_gives_452_and_recovers(small_fs: Path, tmp_path: Path) -> None:
-    node = MailhopNode(tmp_path / "node", extra="")
-    node.config.write_text(node.config.read_text().replace(
-        f'spool = "{node.spool}"', f'spool = "{small_fs / "spool"}"').replace(
-        'min_free = "1M"', 'min_free = "1"'))
-    node.spool = small_fs / "spool"
-    node.start()
+    node = MailhopNode(tmp_path / "node", spool=small_fs / "spool", min_free="1").start()
     try:
         assert send(node, b"Subject: small\r\n\r\nfits\r\n")[0] == 250
         filler = fill(small_fs, leave=64 * 1024)
@@ -76,12 +71,7 @@ def test_disk_full_gives_452_and_recovers(small_fs: Path, tmp_path: Path) -> Non
 
 
 def test_min_free_refuses_at_mail(small_fs: Path, tmp_path: Path) -> None:
-    node = MailhopNode(tmp_path / "node")
-    node.config.write_text(node.config.read_text().replace(
-        f'spool = "{node.spool}"', f'spool = "{small_fs / "spool"}"').replace(
-        'min_free = "1M"', 'min_free = "2M"'))
-    node.spool = small_fs / "spool"
-    node.start()
+    node = MailhopNode(tmp_path / "node", spool=small_fs / "spool", min_free="2M").start()
     try:
         fill(small_fs, leave=1 << 20)
         time.sleep(1.2)  # the free-space check is cached for a second
