@@ -51,8 +51,9 @@ CLIENTS = {"pipelining": pipelined, "smtp-source": smtp_source}
 
 
 def bench_mailhop(work: Path, client: str, messages: int, sessions: int, size: int) -> float:
-    node = MailhopNode(work / f"mailhop-{client}", name="bench",
-                       listen="max_connections_per_ip = 1000\n").start()
+    node = MailhopNode(work / f"mailhop-{client}", name="bench", relay=None,
+                       listen="max_connections_per_ip = 1000\n",
+                       extra="[queue]\nhold_delivery = true\n").start()
     try:
         elapsed = CLIENTS[client](node.port, messages, sessions, size)
         queued = len(node.queue())

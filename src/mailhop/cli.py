@@ -145,6 +145,86 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue_control(args: argparse.Namespace) -> int:
+    """flush/hold/release/delete/requeue: through the running node, or directly if stopped."""
+    from . import control
+    from .spool import ops
+
+    spool = _spool_dir(args)
+    ids = args.ids or [ops.ALL]
+    if args.queue_command != "flush" and not args.ids:
+        raise CLIError(f"queue {args.queue_command}: give queue IDs or ALL", EXIT_USAGE)
+    if not (spool / "spool.db").exists():
+        raise CLIError(f"no spool at {spool}")
+    try:
+        reply = control.request(spool, {"action": args.queue_command, "ids": ids})
+    except OSError:
+        reply = None  # no node is running: apply the change to the spool ourselves
+    if reply is None:
+        done = _queue_control_offline(spool, args.queue_command, ids)
+        where = "spool (node not running)"
+    elif not reply.get("ok"):
+        raise CLIError(f"node refused: {reply.get('error')}")
+    else:
+        done, where = reply["ids"], "running node"
+    verb = {"flush": "flushed", "hold": "held", "release": "released", "delete": "deleted",
+            "requeue": "requeued"}[args.queue_command]
+    print(f"{verb} {len(done)} message(s) via {where}" + (": " + " ".join(done) if done and
+                                                           len(done) <= 20 else ""))
+    missing = [i for i in ids if i != ops.ALL and i.upper() not in done]
+    if missing and args.queue_command != "flush":
+        print(f"mailhop: not found (or not in a state to {args.queue_command}): "
+              + " ".join(missing), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _queue_control_offline(spool: Path, action: str, ids: list[str]) -> list[str]:
+    import fcntl
+    import os
+    import sqlite3
+
+    from .spool import ops
+
+    fd = os.open(spool / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:  # hold the node's lock so that no node starts while we change its spool
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CLIError("the node is running but its control socket does not answer") \
+                from None
+        db = sqlite3.connect(spool / "spool.db", isolation_level=None, timeout=10)
+        try:
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("BEGIN IMMEDIATE")
+            if action == "delete":
+                done = ops.delete(db, ids, spool / "bodies")
+            else:
+                done = ops.ACTIONS[action](db, ids)
+            db.execute("COMMIT")
+        finally:
+            db.close()
+    finally:
+        os.close(fd)
+    return done
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from .delivery.router import Router
+
+    cfg = _load(args.config)
+    decision = Router(cfg.relay).route(args.address, args.sender or "")
+    hop = cfg.nexthops[decision.hop]
+    if args.json:
+        print(json.dumps({"address": args.address, "hop": hop.name, "target": hop.label,
+                          "tls": hop.tls, "why": decision.why}))
+    else:
+        print(f"{args.address} -> {hop.name} ({hop.label}, tls={hop.tls})")
+        print(f"  because: {decision.why}")
+    return 0
+
+
 def cmd_passwd(args: argparse.Namespace) -> int:
     from .smtpd.auth import UserFileError, set_password
 
@@ -190,6 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("queue_id")
             p.add_argument("--body", action="store_true", help="print the body too")
         p.set_defaults(func=func)
+
+    for name, helptext in (("flush", "retry deferred mail now"),
+                           ("hold", "put messages on hold (ID ... or ALL)"),
+                           ("release", "release held messages"),
+                           ("delete", "delete messages (ID ... or ALL)"),
+                           ("requeue", "requeue messages for immediate delivery")):
+        p = q.add_parser(name, help=helptext)
+        p.add_argument("-c", "--config")
+        p.add_argument("--spool", help="spool directory (instead of -c)")
+        p.add_argument("ids", nargs="*", metavar="ID")
+        p.set_defaults(func=cmd_queue_control)
+
+    p = sub.add_parser("route", help="show which next hop a recipient would take, and why")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("address")
+    p.add_argument("--sender", help="envelope sender (for sender-based routes)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("passwd", help="set a password in an AUTH users file")
     p.add_argument("file")

@@ -207,6 +207,62 @@ class QueueConfig:
     lifetime: float = 5 * 86400.0
     min_backoff: float = 300.0
     max_backoff: float = 4200.0
+    run_delay: float = 60.0  # how often deferred mail is looked at (Postfix queue_run_delay)
+    hold_delivery: bool = False  # accept and queue, deliver nothing (Postfix defer_transports)
+
+
+TLS_POLICIES = ("none", "may", "encrypt", "verify")
+DIRECT = "direct"  # built-in next hop: each recipient domain's MX on port 25
+
+
+@dataclass(frozen=True)
+class NextHopConfig:
+    """Where a message goes next, and how to talk to it (Postfix relayhost + smtp_* settings)."""
+
+    name: str
+    host: str  # "" for the built-in direct hop: the recipient's domain
+    port: int = 25
+    mx: bool = True
+    tls: str = "may"
+    ca_file: Path | None = None
+    credentials: Path | None = None
+    allow_plaintext_auth: bool = False
+    max_connections: int = 10
+    max_recipients: int = 50  # per transaction (Postfix smtp_destination_recipient_limit)
+    source_address: str | None = None
+
+    @property
+    def label(self) -> str:
+        if not self.host:
+            return "MX of the recipient domain, port 25"
+        host = f"[{self.host}]" if not self.mx else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    """Recipients matching ``domains`` (and senders matching ``senders``) go to ``hop``."""
+
+    hop: str
+    domains: tuple[str, ...] = ()
+    senders: tuple[str, ...] = ()
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    helo_name: str = ""  # default: [node] hostname
+    connect_timeout: float = 30.0
+    greeting_timeout: float = 300.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: >= 10 min for the final reply
+    idle_time: float = 5.0  # keep an idle connection this long for the next message
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    default: str = DIRECT
+    routes: tuple[RouteRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -216,6 +272,10 @@ class Config:
     listeners: tuple[ListenConfig, ...]
     log: LogConfig = field(default_factory=LogConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    nexthops: dict[str, NextHopConfig] = field(default_factory=dict)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    hosts_file: Path | None = None  # [resolver] hosts: static answers, like /etc/hosts
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -249,8 +309,18 @@ def parse(data: dict[str, Any], file: Path) -> Config:
         seen.add((lst.host, lst.port))
     log = _log(top.table("log"))
     queue = _queue(top.table("queue"))
+    hops_table = top.table("nexthop")
+    nexthops = {name: _nexthop(hops_table.table(name), name) for name in hops_table.data}
+    hops_table.used.update(hops_table.data)
+    hops_table.done()
+    nexthops.setdefault(DIRECT, NextHopConfig(DIRECT, ""))
+    relay = _relay(top, nexthops)
+    delivery = _delivery(top.table("delivery"))
+    resolver = top.table("resolver")
+    hosts_file = resolver.path("hosts", None)
+    resolver.done()
     top.done()
-    return Config(file, node, listeners, log, queue)
+    return Config(file, node, listeners, log, queue, relay, nexthops, delivery, hosts_file)
 
 
 def _node(t: _Table) -> NodeConfig:
@@ -315,6 +385,93 @@ def _listen(t: _Table, index: int) -> ListenConfig:
     return cfg
 
 
+def _nexthop(t: _Table, name: str) -> NextHopConfig:
+    if name == DIRECT:
+        raise ConfigError(t.file, t.prefix, f"'{DIRECT}' is built in (the recipient domain's "
+                          "MX); pick another name")
+    text = t.get("host", str)
+    host, mx = text, t.get("mx", bool, True)
+    if text.startswith("["):  # [host] means: no MX lookup (Postfix relayhost syntax)
+        end = text.find("]")
+        if end < 0 or end != len(text) - 1:
+            raise t.error("host", f"unterminated [ in {text!r}")
+        host, mx = text[1:end], False
+    if not host or (any(c in host for c in " /:") and not _is_ipv6(host)):
+        raise t.error("host", f"invalid host name {text!r} (give the port in 'port')")
+    port = t.get("port", int, 25)
+    if not 0 < port < 65536:
+        raise t.error("port", f"must be a number from 1 to 65535; got {port}")
+    tls = t.choice("tls", TLS_POLICIES, "may")
+    credentials = t.path("credentials", None)
+    if credentials is not None:
+        check_private_file(credentials, t.file, t.key("credentials"))
+    source = t.get("source_address", str, None)
+    if source is not None:
+        try:
+            ipaddress.ip_address(source)
+        except ValueError:
+            raise t.error("source_address", f"not an IP address: {source!r}") from None
+    cfg = NextHopConfig(
+        name=name, host=host, port=port, mx=mx, tls=tls, ca_file=t.path("ca_file", None),
+        credentials=credentials,
+        allow_plaintext_auth=t.get("allow_plaintext_auth", bool, False),
+        max_connections=t.positive_int("max_connections", 10),
+        max_recipients=t.positive_int("max_recipients", 50), source_address=source,
+    )
+    t.done()
+    return cfg
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _relay(top: _Table, nexthops: dict[str, NextHopConfig]) -> RelayConfig:
+    t = top.table("relay")
+    default = t.get("default", str, DIRECT)
+    if default not in nexthops:
+        raise t.error("default", f"no [nexthop.{default}] is defined")
+    t.done()
+    routes = []
+    for i, item in enumerate(top.get("route", list, [])):
+        r = _Table(item, f"route[{i}]", top.file)
+        hop = r.get("hop", str)
+        if hop not in nexthops:
+            raise r.error("hop", f"no [nexthop.{hop}] is defined")
+        domains = tuple(d.lower().rstrip(".") for d in _strings(r, "domains"))
+        senders = tuple(s.lower() for s in _strings(r, "senders"))
+        if not domains and not senders:
+            raise r.error("domains", "a route needs domains, senders or both")
+        r.done()
+        routes.append(RouteRule(hop, domains, senders, i))
+    return RelayConfig(default, tuple(routes))
+
+
+def _strings(t: _Table, name: str) -> list[str]:
+    items = t.get(name, list, [])
+    for j, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            raise t.error(f"{name}[{j}]", "must be a non-empty string")
+    return items
+
+
+def _delivery(t: _Table) -> DeliveryConfig:
+    cfg = DeliveryConfig(
+        helo_name=t.get("helo_name", str, ""),
+        connect_timeout=t.duration("connect_timeout", "30s"),
+        greeting_timeout=t.duration("greeting_timeout", "300s"),
+        command_timeout=t.duration("command_timeout", "300s"),
+        data_timeout=t.duration("data_timeout", "600s"),
+        idle_time=t.duration("idle_time", "5s"),
+    )
+    t.done()
+    return cfg
+
+
 def _log(t: _Table) -> LogConfig:
     maillog = t.get("maillog", str, "stderr")
     if maillog not in ("stderr", "syslog"):
@@ -331,6 +488,8 @@ def _queue(t: _Table) -> QueueConfig:
         lifetime=t.duration("lifetime", "5d"),
         min_backoff=t.duration("min_backoff", "5m"),
         max_backoff=t.duration("max_backoff", "70m"),
+        run_delay=t.duration("run_delay", "60s"),
+        hold_delivery=t.get("hold_delivery", bool, False),
     )
     if cfg.max_backoff < cfg.min_backoff:
         raise t.error("max_backoff", "must not be smaller than min_backoff")

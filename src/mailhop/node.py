@@ -10,11 +10,14 @@ import asyncio
 import contextlib
 import resource
 import signal
+from typing import Any
 
-from . import __version__
+from . import __version__, control
 from .config import Config
+from .delivery.scheduler import Scheduler
 from .observe.maillog import MailLog
 from .smtpd.listener import Listener
+from .spool import ops
 from .spool.store import Spool
 
 DRAIN_SECONDS = 30.0
@@ -36,14 +39,20 @@ class Node:
         self.spool = Spool(cfg.node.spool)
         self.spool.min_free = cfg.node.min_free
         self.listeners: list[Listener] = []
+        self.scheduler: Scheduler | None = None
+        self.control: asyncio.AbstractServer | None = None
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
         notes = await asyncio.to_thread(self.spool.open)
         for note in notes:
             self.maillog.emit("master", f"spool recovery: {note}")
+        self.scheduler = Scheduler(self.cfg, self.spool, self.maillog)
+        self.scheduler.start()
+        self.control = await control.serve(self.cfg.node.spool, self._control)
         for lcfg in self.cfg.listeners:
-            listener = Listener(lcfg, self.cfg.node.hostname, self.spool, self.maillog)
+            listener = Listener(lcfg, self.cfg.node.hostname, self.spool, self.maillog,
+                                on_queued=self.scheduler.submit_new)
             await listener.start()
             self.listeners.append(listener)
         where = ", ".join(lst.cfg.name for lst in self.listeners)
@@ -55,9 +64,38 @@ class Node:
         for listener in self.listeners:
             listener.stop_accepting()
         await asyncio.gather(*(lst.drain(DRAIN_SECONDS) for lst in self.listeners))
+        if self.control is not None:
+            self.control.close()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         await asyncio.to_thread(self.spool.close)
         self.maillog.emit("master", "terminating on signal")
         self.maillog.close()
+
+    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Queue control from ``mailhop queue ...`` (see :mod:`mailhop.control`)."""
+        action = request["action"]
+        ids = [str(i) for i in request.get("ids", [ops.ALL])]
+        scheduler = self.scheduler
+        assert scheduler is not None
+        if action == "delete":
+            body_dir = self.spool.body_dir
+            done = await self.spool.write(lambda db: ops.delete(db, ids, body_dir))
+        elif action in ops.ACTIONS:
+            fn = ops.ACTIONS[action]
+            done = await self.spool.write(lambda db: fn(db, ids))
+        else:
+            return {"ok": False, "error": f"unknown action {action!r}"}
+        if action in ("hold", "delete"):
+            scheduler.cancel(done)
+        else:
+            scheduler.wake()
+        for queue_id in done:
+            self.maillog.emit("postsuper", {"hold": "placed on hold", "release":
+                                            "released from hold", "delete": "removed",
+                                            "requeue": "requeued", "flush": "flushed"}[action],
+                              queue_id)
+        return {"ok": True, "ids": done}
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()

@@ -18,21 +18,26 @@ class RcptState(enum.StrEnum):
     DEFERRED = "deferred"
     SENT = "sent"
     BOUNCED = "bounced"
-    HELD = "held"
 
 
-#: States in which a recipient still needs work.
-PENDING_STATES = (RcptState.QUEUED, RcptState.ACTIVE, RcptState.DEFERRED, RcptState.HELD)
+#: States in which a recipient still needs work.  ``active`` exists only in the
+#: scheduler's memory: the spool keeps such recipients as queued/deferred, so a
+#: crash mid-delivery simply retries them (at-least-once, never lost).
+PENDING_STATES = (RcptState.QUEUED, RcptState.DEFERRED)
+FINAL_STATES = (RcptState.SENT, RcptState.BOUNCED)
 
 
 @dataclass(slots=True)
 class Recipient:
+    """One envelope recipient; ``idx`` is its position in the message's list."""
+
     address: str
     params: dict[str, str | None] = field(default_factory=dict)
     state: RcptState = RcptState.QUEUED
     attempts: int = 0
     next_attempt: float = 0.0
     last_reply: str = ""
+    idx: int = 0
 
 
 @dataclass(slots=True)

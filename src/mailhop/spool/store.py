@@ -26,6 +26,8 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -168,6 +170,8 @@ class Spool:
         self.commit_seconds = 0.0
         self.commits = 0
         self.min_free = 0
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-reader")
+        self._read_db: sqlite3.Connection | None = None
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.directory)
@@ -195,6 +199,10 @@ class Spool:
         return notes
 
     def close(self) -> None:
+        self._reader.shutdown(wait=True)
+        if self._read_db is not None:
+            self._read_db.close()
+            self._read_db = None
         if self._writer is not None:
             self._jobs.put(None)
             self._writer.join()
@@ -303,10 +311,8 @@ class Spool:
         return await future
 
     # -- operations -------------------------------------------------------
-    async def enqueue(self, queue_id: str, env: Envelope, data: bytes) -> None:
-        """Store a message durably.  Raises :class:`StoreError` if it is not."""
-        if self._writer is None:
-            raise StoreError("spool is not open")
+    def prepare(self, queue_id: str, env: Envelope, data: bytes) -> _Insert:
+        """The rows (and body file) that store a new message."""
         large = len(data) > INLINE_LIMIT
         message = (queue_id, time.time(), len(data), env.sender, _params_json(env.sender_params),
                    env.client_addr, env.client_name, env.helo, env.protocol, env.auth_user,
@@ -315,11 +321,88 @@ class Spool:
         queued = RcptState.QUEUED.value
         recipients = [(queue_id, i, r.address, _params_json(r.params), queued)
                       for i, r in enumerate(env.recipients)]
-        insert = _Insert(message, recipients, self.body_dir / queue_id if large else None, data)
+        return _Insert(message, recipients, self.body_dir / queue_id if large else None, data)
+
+    def insert_now(self, db: sqlite3.Connection, insert: _Insert) -> None:
+        """Store a prepared message inside a write job (e.g. a bounce with its cause)."""
+        if insert.body_file is not None:
+            self._write_body(insert.body_file, insert.data)
+            _fsync_dir(self.body_dir)
+        self._insert_rows(db, [insert.message], list(insert.recipients))
+
+    async def enqueue(self, queue_id: str, env: Envelope, data: bytes) -> None:
+        """Store a message durably.  Raises :class:`StoreError` if it is not."""
+        if self._writer is None:
+            raise StoreError("spool is not open")
+        insert = self.prepare(queue_id, env, data)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._jobs.put(_Job(None, loop, future, insert))
         await future
+
+    # -- reads for the scheduler (one reader thread, its own connection) -------
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._read_db is None:
+            self._read_db = sqlite3.connect(self.db_path, timeout=5.0, check_same_thread=False)
+            self._read_db.row_factory = sqlite3.Row
+        db = self._read_db
+        return asyncio.get_running_loop().run_in_executor(self._reader, fn, db)
+
+    async def due(self, now: float, limit: int) -> list[str]:
+        """IDs of unheld messages with a recipient due for an attempt, oldest first."""
+        return await self._read(lambda db: [row[0] for row in db.execute(
+            "SELECT DISTINCT r.message FROM recipient r JOIN message m ON m.id = r.message"
+            " WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ? AND m.held = 0"
+            " ORDER BY r.message LIMIT ?", (now, limit))])
+
+    async def load_due(self, queue_id: str, now: float) -> tuple[QueuedMessage, bytes] | None:
+        """A message with only its due, pending recipients, and its body."""
+        def load(db: sqlite3.Connection) -> tuple[QueuedMessage, bytes] | None:
+            row = db.execute("SELECT * FROM message WHERE id = ? AND held = 0",
+                             (queue_id,)).fetchone()
+            if row is None:
+                return None
+            rcpts = [_row_to_recipient(r) for r in db.execute(
+                "SELECT * FROM recipient WHERE message = ? AND state IN ('queued', 'deferred')"
+                " AND next_attempt <= ? ORDER BY idx", (queue_id, now))]
+            if not rcpts:
+                return None
+            body = (bytes(row["body"]) if row["body_file"] is None
+                    else (self.body_dir / row["body_file"]).read_bytes())
+            return _row_to_message(row, rcpts), body
+        return await self._read(load)
+
+    async def stats(self) -> dict[str, int]:
+        return await self._read(lambda db: dict(db.execute(
+            "SELECT state, count(*) FROM recipient GROUP BY state").fetchall()))
+
+    # -- results ---------------------------------------------------------------
+    async def record(self, queue_id: str, updates: list[RecipientUpdate],
+                     bounce: _Insert | None = None) -> bool:
+        """Store delivery results (and a bounce, atomically); True if the message is done."""
+        def apply(db: sqlite3.Connection) -> str | bool:
+            db.executemany(
+                "UPDATE recipient SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?"
+                " WHERE message = ? AND idx = ?",
+                [(u.state.value, u.attempts, u.next_attempt, u.last_reply, queue_id, u.idx)
+                 for u in updates])
+            if bounce is not None:
+                self.insert_now(db, bounce)
+            left = db.execute(
+                "SELECT count(*) FROM recipient WHERE message = ? AND state IN"
+                " ('queued', 'deferred')", (queue_id,)).fetchone()[0]
+            if left:
+                return False
+            row = db.execute("SELECT body_file FROM message WHERE id = ?",
+                             (queue_id,)).fetchone()
+            if row is None:
+                return False  # deleted meanwhile (queue delete)
+            db.execute("DELETE FROM message WHERE id = ?", (queue_id,))
+            return row[0] or True
+        done = await self.write(apply)
+        if isinstance(done, str):
+            (self.body_dir / done).unlink(missing_ok=True)  # after the commit, never before
+        return bool(done)
 
     @staticmethod
     def _write_body(path: Path, data: bytes) -> None:
@@ -334,6 +417,20 @@ class Spool:
 
 
 # -- reading (CLI, delivery) -------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RecipientUpdate:
+    idx: int
+    state: RcptState
+    attempts: int
+    next_attempt: float
+    last_reply: str
+
+
+def _row_to_recipient(r: sqlite3.Row) -> Recipient:
+    return Recipient(r["address"], json.loads(r["params"]), RcptState(r["state"]), r["attempts"],
+                     r["next_attempt"], r["last_reply"], r["idx"])
+
 
 def _row_to_message(row: sqlite3.Row, recipients: list[Recipient]) -> QueuedMessage:
     env = Envelope(
@@ -360,12 +457,8 @@ class SpoolReader:
         self._db.close()
 
     def _recipients(self, queue_id: str) -> list[Recipient]:
-        return [
-            Recipient(r["address"], json.loads(r["params"]), RcptState(r["state"]),
-                      r["attempts"], r["next_attempt"], r["last_reply"])
-            for r in self._db.execute(
-                "SELECT * FROM recipient WHERE message = ? ORDER BY idx", (queue_id,))
-        ]
+        return [_row_to_recipient(r) for r in self._db.execute(
+            "SELECT * FROM recipient WHERE message = ? ORDER BY idx", (queue_id,))]
 
     def messages(self) -> Iterator[QueuedMessage]:
         rows = self._db.execute(

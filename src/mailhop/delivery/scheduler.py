@@ -1,0 +1,440 @@
+"""The queue manager: from the spool to next hops and back (Postfix's qmgr + smtp).
+
+New mail arrives from the listener with its bytes still in memory, so the
+common case never reads the spool back; deferred mail is picked up by a
+periodic scan (``[queue] run_delay``), after a restart too.  Recipients are
+routed, grouped per destination (next hop, and recipient domain for the
+built-in ``direct`` hop) and handed to that destination's workers — at most
+``max_connections`` of them, each keeping its connection for the next
+message.  Every result goes back to the spool in the writer's group commit:
+sent, deferred with exponential backoff, or bounced with a DSN queued in
+the same transaction.  A message is removed when no recipient is pending.
+
+"Active" lives only in memory: the spool keeps a recipient in delivery as
+queued/deferred, so a crash at any point means one more attempt, never a
+lost recipient (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..config import DIRECT, Config, NextHopConfig
+from ..observe.maillog import MailLog
+from ..protocol.replies import Reply
+from ..spool.model import Envelope, RcptState, Recipient
+from ..spool.store import RecipientUpdate, Spool, StoreError
+from .bounce import Failure, build_dsn
+from .client import DeliveryError, HopConnection, open_connection
+from .connect import FamilyMemory
+from .credentials import Credentials, load_credentials
+from .resolver import Resolver
+from .router import Router
+
+SCAN_BATCH = 500
+MAX_IN_MEMORY = 20_000  # messages; beyond this new mail waits for the scan
+
+
+def fmt_delay(seconds: float) -> str:
+    """Postfix's style: two significant digits, ``0`` for tiny values."""
+    if seconds < 0.01:
+        return "0"
+    if seconds < 10:
+        return f"{seconds:.2g}"
+    return str(round(seconds))
+
+
+@dataclass
+class Message:
+    """A message the scheduler is working on (its pending jobs and its bytes)."""
+
+    queue_id: str
+    arrival: float
+    sender: str
+    sender_params: dict[str, str | None]
+    data: bytes
+    jobs_left: int = 0
+
+
+@dataclass
+class Job:
+    message: Message
+    recipients: list[Recipient]
+    destination: Destination
+    picked: float
+    reuse_retry: bool = False
+
+
+@dataclass
+class Destination:
+    """One next hop (and, for ``direct``, one recipient domain): queue, workers, state."""
+
+    hop: NextHopConfig
+    domain: str
+    jobs: deque[Job] = field(default_factory=deque)
+    workers: int = 0
+    idle: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    suspended_until: float = 0.0
+    suspend_reply: Reply | None = None
+    credentials: Credentials | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.hop.name, self.domain)
+
+
+class Scheduler:
+    def __init__(self, cfg: Config, spool: Spool, maillog: MailLog,
+                 resolver: Resolver | None = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.log = maillog
+        self.router = Router(cfg.relay)
+        self.resolver = resolver or Resolver(cfg.hosts_file)
+        self.memory = FamilyMemory()
+        self.helo = cfg.delivery.helo_name or cfg.node.hostname
+        self.messages: dict[str, Message] = {}
+        self.destinations: dict[tuple[str, str], Destination] = {}
+        self.cancelled: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scan_wake = asyncio.Event()
+        self._scanner: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.credentials: dict[str, Credentials] = {}
+        for name, hop in cfg.nexthops.items():
+            if hop.credentials is not None:
+                self.credentials[name] = load_credentials(hop.credentials, hop.host, hop.port,
+                                                          hop.mx)
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self) -> None:
+        if self.cfg.queue.hold_delivery:
+            self.log.emit("qmgr", "hold_delivery = true: mail is queued, not delivered")
+            self._stopping = True
+            return
+        self._scanner = asyncio.create_task(self._scan_loop())
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking work; let transactions in progress finish (up to ``grace``)."""
+        self._stopping = True
+        for dest in self.destinations.values():
+            dest.jobs.clear()
+            dest.wake.set()
+        if self._scanner is not None:
+            self._scanner.cancel()
+        deadline = time.monotonic() + grace
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def wake(self) -> None:
+        """Look at the spool now (after a flush, release or requeue)."""
+        self._scan_wake.set()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- intake -------------------------------------------------------------
+    def submit_new(self, queue_id: str, env: Envelope, data: bytes, arrival: float) -> None:
+        """A message the listener just committed; its bytes are still in memory."""
+        if self._stopping or queue_id in self.messages:
+            return
+        if len(self.messages) >= MAX_IN_MEMORY:
+            self.wake()  # too much in flight: the scan will pick it up later
+            return
+        for i, rcpt in enumerate(env.recipients):
+            rcpt.idx = i
+        self._submit(Message(queue_id, arrival, env.sender, dict(env.sender_params), data),
+                     env.recipients)
+
+    def _submit(self, message: Message, recipients: list[Recipient]) -> None:
+        now = time.monotonic()
+        self.messages[message.queue_id] = message
+        groups: dict[tuple[str, str], list[Recipient]] = {}
+        for rcpt in recipients:
+            hop = self.cfg.nexthops[self.router.route(rcpt.address, message.sender).hop]
+            domain = rcpt.address.rpartition("@")[2].lower() if hop.name == DIRECT else ""
+            groups.setdefault((hop.name, domain), []).append(rcpt)
+        jobs = []
+        for (hop_name, domain), rcpts in groups.items():
+            dest = self._destination(self.cfg.nexthops[hop_name], domain)
+            step = dest.hop.max_recipients
+            jobs += [Job(message, rcpts[i : i + step], dest, now)
+                     for i in range(0, len(rcpts), step)]
+        message.jobs_left = len(jobs)
+        for job in jobs:
+            self._enqueue(job)
+
+    def _destination(self, hop: NextHopConfig, domain: str) -> Destination:
+        key = (hop.name, domain)
+        dest = self.destinations.get(key)
+        if dest is None:
+            dest = Destination(hop, domain, credentials=self.credentials.get(hop.name))
+            self.destinations[key] = dest
+        return dest
+
+    def _enqueue(self, job: Job, front: bool = False) -> None:
+        dest = job.destination
+        if front:
+            dest.jobs.appendleft(job)
+        else:
+            dest.jobs.append(job)
+        if dest.idle:
+            dest.wake.set()
+        elif dest.workers < dest.hop.max_connections:
+            dest.workers += 1
+            self._spawn(self._worker(dest))
+
+    async def _scan_loop(self) -> None:
+        while True:
+            try:
+                await self._scan()
+            except (StoreError, OSError) as exc:
+                self.log.warning("qmgr", f"queue scan failed: {exc}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._scan_wake.wait(), self.cfg.queue.run_delay)
+            self._scan_wake.clear()
+
+    async def _scan(self) -> None:
+        now = time.time()
+        for queue_id in await self.spool.due(now, SCAN_BATCH):
+            if self._stopping or len(self.messages) >= MAX_IN_MEMORY:
+                return
+            if queue_id in self.messages:
+                continue
+            loaded = await self.spool.load_due(queue_id, now)
+            if loaded is None or queue_id in self.messages:
+                continue
+            qm, data = loaded
+            self.cancelled.discard(queue_id)
+            env = qm.envelope
+            self._submit(Message(queue_id, qm.arrival, env.sender, env.sender_params, data),
+                         env.recipients)
+
+    # -- workers ------------------------------------------------------------
+    def _next_job(self, dest: Destination) -> Job | None:
+        while dest.jobs:
+            job = dest.jobs.popleft()
+            if job.message.queue_id in self.cancelled:
+                self._job_done(job)
+                continue
+            return job
+        return None
+
+    async def _worker(self, dest: Destination) -> None:
+        conn: HopConnection | None = None
+        try:
+            while not self._stopping:
+                job = self._next_job(dest)
+                if job is None:
+                    dest.idle += 1
+                    dest.wake.clear()
+                    try:
+                        await asyncio.wait_for(dest.wake.wait(), self.cfg.delivery.idle_time)
+                    except TimeoutError:
+                        break
+                    finally:
+                        dest.idle -= 1
+                    continue
+                if dest.suspended_until > time.monotonic() and dest.suspend_reply is not None:
+                    self._fail(job, dest.suspend_reply, "none", time.monotonic(), 0.0,
+                               suspended=True)
+                    continue
+                conn = await self._deliver(dest, job, conn)
+        finally:
+            dest.workers -= 1
+            if conn is not None:
+                conn.close()
+
+    async def _deliver(self, dest: Destination, job: Job,
+                       conn: HopConnection | None) -> HopConnection | None:
+        started = time.monotonic()
+        setup = 0.0
+        if conn is None or not conn.usable:
+            if conn is not None:
+                conn.close()
+            try:
+                conn = await open_connection(dest.hop, self.cfg.delivery, self.resolver,
+                                             self.memory, self.helo, dest.domain,
+                                             dest.credentials)
+            except DeliveryError as exc:
+                self._fail(job, exc.reply, exc.relay, started, time.monotonic() - started)
+                if not exc.reply.is_permanent:
+                    self._suspend(dest, exc.reply)
+                return None
+            setup = conn.setup_seconds
+            fresh = True
+        else:
+            fresh = False
+        sending = time.monotonic()
+        message = job.message
+        addresses = [r.address for r in job.recipients]
+        utf8 = "SMTPUTF8" in message.sender_params
+        problem = self._cannot_send(conn, message, utf8)
+        if problem is not None:
+            self._fail(job, problem, conn.relay, started, setup)
+            return conn
+        try:
+            tx = await conn.send(message.sender, message.sender_params, addresses, message.data)
+        except DeliveryError as exc:
+            conn.close()
+            if not fresh and not job.reuse_retry and "MAIL FROM" in exc.reply.text:
+                job.reuse_retry = True  # the server dropped an idle connection: retry fresh
+                self._enqueue(job, front=True)
+                return None
+            self._fail(job, exc.reply, exc.relay, started, setup,
+                       transmit=time.monotonic() - sending)
+            return None
+        done = time.monotonic()
+        results = tx.results()
+        updates, failures, lines = [], [], []
+        for rcpt, result in zip(job.recipients, results, strict=True):
+            reply = result.reply
+            text = reply.text if result.status == "sent" else conn.said(reply, result.stage)
+            update, failure = self._outcome(message, rcpt, result.status, reply, text,
+                                            conn.target.host)
+            updates.append(update)
+            if failure is not None:
+                failures.append(failure)
+            lines.append((rcpt, update.state, result.dsn, update.last_reply))
+        self._log_results(job, lines, conn.relay, started, setup, done - sending)
+        self._spawn(self._record(job, updates, failures))
+        return conn if conn.usable else None
+
+    def _cannot_send(self, conn: HopConnection, message: Message, utf8: bool) -> Reply | None:
+        caps = conn.conn.caps
+        if utf8 and not caps.smtputf8:
+            return Reply.of(550, "5.6.7", f"SMTPUTF8 is required, but was not offered by "
+                            f"host {conn.relay}")
+        if caps.size and len(message.data) > caps.size:
+            return Reply.of(552, "5.3.4", f"message size {len(message.data)} exceeds size "
+                            f"limit {caps.size} of server {conn.relay}")
+        return None
+
+    def _suspend(self, dest: Destination, reply: Reply) -> None:
+        """After a failed connection, defer the destination's queue at once (Postfix
+        "delivery temporarily suspended") instead of trying every message in turn."""
+        delay = min(self.cfg.queue.min_backoff, 60.0)
+        dest.suspended_until = time.monotonic() + delay
+        dest.suspend_reply = Reply(reply.code, reply.enhanced,
+                                   (f"delivery temporarily suspended: {reply.text}",)
+                                   if not reply.text.startswith("delivery temporarily")
+                                   else reply.lines)
+        now = time.monotonic()
+        while dest.jobs:
+            job = dest.jobs.popleft()
+            self._fail(job, dest.suspend_reply, "none", now, 0.0, suspended=True)
+
+    # -- outcomes -----------------------------------------------------------
+    def _backoff(self, attempts: int) -> float:
+        q = self.cfg.queue
+        delay = min(q.max_backoff, q.min_backoff * (2 ** max(0, attempts - 1)))
+        return delay * random.uniform(0.9, 1.1)
+
+    def _outcome(self, message: Message, rcpt: Recipient, status: str, reply: Reply,
+                 text: str, remote: str) -> tuple[RecipientUpdate, Failure | None]:
+        attempts = rcpt.attempts + 1
+        dsn = reply.enhanced or ("2.0.0" if reply.code < 400 else
+                                 "4.0.0" if reply.code < 500 else "5.0.0")
+        if status == "sent":
+            return RecipientUpdate(rcpt.idx, RcptState.SENT, attempts, 0.0, text), None
+        if status == "deferred":
+            age = time.time() - message.arrival
+            if age < self.cfg.queue.lifetime:
+                return RecipientUpdate(rcpt.idx, RcptState.DEFERRED, attempts,
+                                       time.time() + self._backoff(attempts), text), None
+            text = f"{text} (message expired after {fmt_delay(age)}s in the queue)"
+            dsn = "4.4.7"
+        failure = Failure(rcpt.address, dsn, text, remote)
+        return RecipientUpdate(rcpt.idx, RcptState.BOUNCED, attempts, 0.0, text), failure
+
+    def _fail(self, job: Job, reply: Reply, relay: str, started: float, setup: float,
+              transmit: float = 0.0, suspended: bool = False) -> None:
+        """The whole job got one answer (connection failure, policy, suspension)."""
+        status = "deferred" if reply.is_transient or reply.code < 400 else "bounced"
+        updates, failures, lines = [], [], []
+        text = " ".join(reply.lines)  # our own description, Postfix-style, without a code
+        for rcpt in job.recipients:
+            update, failure = self._outcome(job.message, rcpt, status, reply, text,
+                                            "" if relay == "none" else relay.split("[")[0])
+            updates.append(update)
+            if failure is not None:
+                failures.append(failure)
+            lines.append((rcpt, update.state, reply.enhanced or
+                          ("4.0.0" if status == "deferred" else "5.0.0"), update.last_reply))
+        self._log_results(job, lines, relay, started, setup, transmit)
+        self._spawn(self._record(job, updates, failures))
+
+    def _log_results(self, job: Job, lines: list[tuple[Recipient, RcptState, str, str]],
+                     relay: str, started: float, setup: float, transmit: float) -> None:
+        message = job.message
+        now_wall = time.time()
+        total = now_wall - message.arrival
+        before = max(0.0, total - (time.monotonic() - job.picked))  # arrival -> picked
+        in_qmgr = max(0.0, started - job.picked)
+        delays = "/".join(fmt_delay(x) for x in (before, in_qmgr, setup, transmit))
+        for rcpt, state, dsn, text in lines:
+            shown = "expired, returned to sender" if dsn == "4.4.7" else state.value
+            self.log.emit(
+                "smtp", f"to=<{rcpt.address}>, relay={relay}, delay={fmt_delay(total)}, "
+                f"delays={delays}, dsn={dsn}, status={shown} ({text})", message.queue_id,
+                to=rcpt.address, relay=relay, delay=round(total, 3), dsn=dsn,
+                status=state.value, reply=text)
+
+    async def _record(self, job: Job, updates: list[RecipientUpdate],
+                      failures: list[Failure]) -> None:
+        message = job.message
+        bounce = None
+        bounce_id = None
+        if failures and message.sender:  # never bounce a bounce (null sender)
+            bounce_id = self.spool.ids.next()
+            data = build_dsn(reporting_mta=self.cfg.node.hostname, queue_id=message.queue_id,
+                             sender=message.sender, arrival=message.arrival, failures=failures,
+                             original=message.data, utf8="SMTPUTF8" in message.sender_params)
+            env = Envelope(sender="", recipients=[Recipient(message.sender)],
+                           sender_params={"SMTPUTF8": None} if "SMTPUTF8" in
+                           message.sender_params else {},
+                           client_addr="127.0.0.1", client_name="localhost",
+                           protocol="local", listener="bounce",
+                           message_id=f"<bounce-{message.queue_id}>")
+            bounce = (self.spool.prepare(bounce_id, env, data), env, data)
+        try:
+            removed = await self.spool.record(message.queue_id, updates,
+                                              bounce[0] if bounce else None)
+        except StoreError as exc:
+            # The results are lost, the message is not: it stays pending and is retried.
+            self.log.warning("qmgr", f"{message.queue_id}: cannot record delivery status: {exc}")
+            self._job_done(job)
+            return
+        if bounce is not None and bounce_id is not None:
+            self.log.emit("bounce", f"sender non-delivery notification: {bounce_id}",
+                          message.queue_id)
+            _, env, data = bounce
+            self.log.emit("qmgr", f"from=<>, size={len(data)}, nrcpt=1 (queue active)",
+                          bounce_id, sender="", size=len(data), nrcpt=1)
+            self.submit_new(bounce_id, env, data, time.time())
+        if removed:
+            self.log.emit("qmgr", "removed", message.queue_id)
+        self._job_done(job)
+
+    def _job_done(self, job: Job) -> None:
+        message = job.message
+        message.jobs_left -= 1
+        if message.jobs_left <= 0 and self.messages.get(message.queue_id) is message:
+            del self.messages[message.queue_id]
+
+    # -- control --------------------------------------------------------------
+    def cancel(self, queue_ids: list[str]) -> None:
+        """Held or deleted: drop queued jobs (a transaction in progress still finishes)."""
+        self.cancelled.update(queue_ids)
