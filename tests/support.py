@@ -209,7 +209,9 @@ class PostfixInstance:
         for sub in ("conf", "queue", "data"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         shutil.chown(self.dir / "data", "postfix")
-        relay = f"relayhost = {relayhost}" if relayhost else ""
+        # With no relayhost, nothing may leave this machine: no DNS, no port 25.
+        relay = (f"relayhost = {relayhost}" if relayhost else
+                 "default_transport = error:this test instance delivers nothing outside")
         (self.conf / "main.cf").write_text(textwrap.dedent(f"""\
             compatibility_level = 3.6
             queue_directory = {self.dir}/queue
@@ -228,7 +230,6 @@ class PostfixInstance:
             alias_database =
             smtp_tls_security_level = none
             smtpd_tls_security_level = none
-            default_transport = error:this test instance delivers nothing outside
             minimal_backoff_time = 2s
             maximal_backoff_time = 4s
             queue_run_delay = 2s
