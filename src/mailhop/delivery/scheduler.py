@@ -137,7 +137,10 @@ class Scheduler:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def wake(self) -> None:
-        """Look at the spool now (after a flush, release or requeue)."""
+        """Look at the spool now and forget suspended destinations (flush, release, requeue):
+        an operator who says "try now" means it."""
+        for dest in self.destinations.values():
+            dest.suspended_until = 0.0
         self._scan_wake.set()
 
     def _spawn(self, coro: object) -> None:
@@ -151,7 +154,7 @@ class Scheduler:
         if self._stopping or queue_id in self.messages:
             return
         if len(self.messages) >= MAX_IN_MEMORY:
-            self.wake()  # too much in flight: the scan will pick it up later
+            self._scan_wake.set()  # too much in flight: the scan will pick it up later
             return
         for i, rcpt in enumerate(env.recipients):
             rcpt.idx = i
@@ -327,10 +330,10 @@ class Scheduler:
         "delivery temporarily suspended") instead of trying every message in turn."""
         delay = min(self.cfg.queue.min_backoff, 60.0)
         dest.suspended_until = time.monotonic() + delay
-        dest.suspend_reply = Reply(reply.code, reply.enhanced,
-                                   (f"delivery temporarily suspended: {reply.text}",)
-                                   if not reply.text.startswith("delivery temporarily")
-                                   else reply.lines)
+        text = " ".join(reply.lines)
+        if not text.startswith("delivery temporarily suspended"):
+            text = f"delivery temporarily suspended: {text}"
+        dest.suspend_reply = Reply(reply.code, reply.enhanced, (text,))
         now = time.monotonic()
         while dest.jobs:
             job = dest.jobs.popleft()
