@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import smtplib
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,63 @@ def test_route_command(tmp_path: Path) -> None:
     out = mailhop("route", "-c", str(cfg), "user@gmail.com")
     assert "-> tokyo ([10.20.8.37]:3535, tls=none)" in out.stdout
     assert "[relay] default" in out.stdout
+
+
+def test_lifetime_expiry_bounces(tmp_path: Path) -> None:
+    dead = free_port()
+    node = MailhopNode(tmp_path / "node", relay=f"[127.0.0.1]:{dead}",
+                       queue='lifetime = "2s"\nmin_backoff = "1s"\nmax_backoff = "1s"\n').start()
+    try:
+        qid = send(node.port, "app@example.com", ["user@example.com"])
+        wait_for(lambda: f"{qid}: from=<app@example.com>, status=expired, returned to sender"
+                 in node.log(), timeout=30, what="expiry")
+        assert re.search(rf"{qid}: sender non-delivery notification: [0-9A-F]+", node.log())
+    finally:
+        node.stop()
+
+
+def test_smtputf8_to_a_hop_without_it_bounces(tmp_path: Path) -> None:
+    require_peer("postfix")
+    final = PostfixInstance(tmp_path / "final").final_hop()
+    final.postconf("smtputf8_enable = no")
+    final.start()
+    node = MailhopNode(tmp_path / "node", relay=f"[127.0.0.1]:{final.port}").start()
+    try:
+        with smtplib.SMTP("127.0.0.1", node.port) as s:
+            s.ehlo("x")
+            assert s.mail("sender@example.com", ["SMTPUTF8"])[0] == 250
+            assert s.rcpt("用户@example.com")[0] == 250
+            assert s.data(b"Subject: utf8\r\n\r\nx\r\n")[0] == 250
+        line = wait_for(lambda: re.search(r"to=<用户@example\.com>, .*status=bounced \((.*)\)",
+                                          node.log()), timeout=20).group(0)
+        assert "dsn=5.6.7" in line and "SMTPUTF8 is required" in line
+        # the DSN itself is plain ASCII mail to an ASCII sender: it can go through
+        dsn = wait_for(lambda: final.delivered(), timeout=20, what="the DSN")[0]
+        assert b"Status: 5.6.7" in dsn
+    finally:
+        node.stop()
+        final.stop()
+
+
+def test_connection_reuse_and_reconnect_after_server_idle_close(tmp_path: Path) -> None:
+    require_peer("postfix")
+    final = PostfixInstance(tmp_path / "final").final_hop()
+    final.postconf("smtpd_timeout = 2s")
+    final.start()
+    node = MailhopNode(tmp_path / "node", relay=f"[127.0.0.1]:{final.port}",
+                       hop='tls = "none"\nmax_connections = 1\n',
+                       extra='[delivery]\nidle_time = "30s"\n').start()
+    try:
+        for _ in range(5):
+            send(node.port, "app@example.com", ["user@example.com"])
+        wait_for(lambda: len(final.delivered()) == 5, timeout=20, what="five deliveries")
+        log = final.log()  # one connection for five messages (the other is start()'s probe)
+        probes = log.count("commands=0/0")
+        assert len(re.findall(r"postfix/smtpd\[\d+\]: connect from", log)) - probes == 1
+        time.sleep(3.5)  # Postfix drops our idle connection after 2 s
+        send(node.port, "app@example.com", ["user@example.com"])
+        wait_for(lambda: len(final.delivered()) == 6, timeout=20, what="delivery after reconnect")
+        assert "status=deferred" not in node.log()
+    finally:
+        node.stop()
+        final.stop()

@@ -1,4 +1,4 @@
-"""Happy eyeballs towards a half-broken dual-stack host; queue control on running and stopped nodes."""
+"""Happy eyeballs to a half-broken dual-stack host; queue control on running and stopped nodes."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import smtplib
 from pathlib import Path
 
 import pytest
-from support import MailhopNode, RecordingProxy, make_certs, mailhop, wait_for
+from support import MailhopNode, RecordingProxy, mailhop, make_certs, wait_for
 
 MSG = b"Subject: to the smarthost\r\nMessage-ID: <tls@test>\r\n\r\nhello\r\n"
 PASSWORD = "Ses-Secret-Pa55"

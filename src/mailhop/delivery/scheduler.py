@@ -299,20 +299,11 @@ class Scheduler:
             self._fail(job, exc.reply, exc.relay, started, setup,
                        transmit=time.monotonic() - sending)
             return None
-        done = time.monotonic()
-        results = tx.results()
-        updates, failures, lines = [], [], []
-        for rcpt, result in zip(job.recipients, results, strict=True):
-            reply = result.reply
-            text = reply.text if result.status == "sent" else conn.said(reply, result.stage)
-            update, failure = self._outcome(message, rcpt, result.status, reply, text,
-                                            conn.target.host)
-            updates.append(update)
-            if failure is not None:
-                failures.append(failure)
-            lines.append((rcpt, update.state, result.dsn, update.last_reply))
-        self._log_results(job, lines, conn.relay, started, setup, done - sending)
-        self._spawn(self._record(job, updates, failures))
+        outcomes = [(r.status, r.reply,
+                     r.reply.text if r.status == "sent" else conn.said(r.reply, r.stage))
+                    for r in tx.results()]
+        self._finish(job, outcomes, conn.relay, conn.target.host, started, setup,
+                     time.monotonic() - sending)
         return conn if conn.usable else None
 
     def _cannot_send(self, conn: HopConnection, message: Message, utf8: bool) -> Reply | None:
@@ -345,11 +336,9 @@ class Scheduler:
         delay = min(q.max_backoff, q.min_backoff * (2 ** max(0, attempts - 1)))
         return delay * random.uniform(0.9, 1.1)
 
-    def _outcome(self, message: Message, rcpt: Recipient, status: str, reply: Reply,
+    def _outcome(self, message: Message, rcpt: Recipient, status: str, dsn: str,
                  text: str, remote: str) -> tuple[RecipientUpdate, Failure | None]:
         attempts = rcpt.attempts + 1
-        dsn = reply.enhanced or ("2.0.0" if reply.code < 400 else
-                                 "4.0.0" if reply.code < 500 else "5.0.0")
         if status == "sent":
             return RecipientUpdate(rcpt.idx, RcptState.SENT, attempts, 0.0, text), None
         if status == "deferred":
@@ -357,8 +346,8 @@ class Scheduler:
             if age < self.cfg.queue.lifetime:
                 return RecipientUpdate(rcpt.idx, RcptState.DEFERRED, attempts,
                                        time.time() + self._backoff(attempts), text), None
-            text = f"{text} (message expired after {fmt_delay(age)}s in the queue)"
-            dsn = "4.4.7"
+            text = f"{text} (delivery attempts stopped: message expired after " \
+                f"{fmt_delay(age)}s in the queue)"
         failure = Failure(rcpt.address, dsn, text, remote)
         return RecipientUpdate(rcpt.idx, RcptState.BOUNCED, attempts, 0.0, text), failure
 
@@ -366,34 +355,38 @@ class Scheduler:
               transmit: float = 0.0, suspended: bool = False) -> None:
         """The whole job got one answer (connection failure, policy, suspension)."""
         status = "deferred" if reply.is_transient or reply.code < 400 else "bounced"
-        updates, failures, lines = [], [], []
         text = " ".join(reply.lines)  # our own description, Postfix-style, without a code
-        for rcpt in job.recipients:
-            update, failure = self._outcome(job.message, rcpt, status, reply, text,
-                                            "" if relay == "none" else relay.split("[")[0])
-            updates.append(update)
-            if failure is not None:
-                failures.append(failure)
-            lines.append((rcpt, update.state, reply.enhanced or
-                          ("4.0.0" if status == "deferred" else "5.0.0"), update.last_reply))
-        self._log_results(job, lines, relay, started, setup, transmit)
-        self._spawn(self._record(job, updates, failures))
+        remote = "" if relay == "none" else relay.split("[")[0]
+        self._finish(job, [(status, reply, text)] * len(job.recipients), relay, remote,
+                     started, setup, transmit)
 
-    def _log_results(self, job: Job, lines: list[tuple[Recipient, RcptState, str, str]],
-                     relay: str, started: float, setup: float, transmit: float) -> None:
+    def _finish(self, job: Job, outcomes: list[tuple[str, Reply, str]], relay: str,
+                remote: str, started: float, setup: float, transmit: float) -> None:
+        """Log one line per recipient (as Postfix's smtp does) and record the results."""
         message = job.message
-        now_wall = time.time()
-        total = now_wall - message.arrival
+        total = time.time() - message.arrival
         before = max(0.0, total - (time.monotonic() - job.picked))  # arrival -> picked
         in_qmgr = max(0.0, started - job.picked)
         delays = "/".join(fmt_delay(x) for x in (before, in_qmgr, setup, transmit))
-        for rcpt, state, dsn, text in lines:
-            shown = "expired, returned to sender" if dsn == "4.4.7" else state.value
-            self.log.emit(
+        updates, failures = [], []
+        expired = False
+        for rcpt, (status, reply, text) in zip(job.recipients, outcomes, strict=True):
+            dsn = reply.enhanced or ("2.0.0" if reply.code < 400 else
+                                     "4.0.0" if reply.code < 500 else "5.0.0")
+            update, failure = self._outcome(message, rcpt, status, dsn, text, remote)
+            updates.append(update)
+            if failure is not None:
+                failures.append(failure)
+            expired |= status == "deferred" and update.state is RcptState.BOUNCED
+            self.log.emit(  # an expired recipient logs this attempt as deferred, like Postfix
                 "smtp", f"to=<{rcpt.address}>, relay={relay}, delay={fmt_delay(total)}, "
-                f"delays={delays}, dsn={dsn}, status={shown} ({text})", message.queue_id,
+                f"delays={delays}, dsn={dsn}, status={status} ({text})", message.queue_id,
                 to=rcpt.address, relay=relay, delay=round(total, 3), dsn=dsn,
-                status=state.value, reply=text)
+                status=update.state.value, reply=text)
+        if expired:  # Postfix's wording, so that log tools recognise it
+            self.log.emit("qmgr", f"from=<{message.sender}>, status=expired, returned to "
+                          "sender", message.queue_id)
+        self._spawn(self._record(job, updates, failures))
 
     async def _record(self, job: Job, updates: list[RecipientUpdate],
                       failures: list[Failure]) -> None:
@@ -405,9 +398,13 @@ class Scheduler:
             data = build_dsn(reporting_mta=self.cfg.node.hostname, queue_id=message.queue_id,
                              sender=message.sender, arrival=message.arrival, failures=failures,
                              original=message.data, utf8="SMTPUTF8" in message.sender_params)
+            # The DSN may carry UTF-8 text (8BITMIME); it needs SMTPUTF8 only when the
+            # address it goes to does, so a hop without SMTPUTF8 can still take it.
+            params: dict[str, str | None] = {"BODY": "8BITMIME"}
+            if not message.sender.isascii():
+                params["SMTPUTF8"] = None
             env = Envelope(sender="", recipients=[Recipient(message.sender)],
-                           sender_params={"SMTPUTF8": None} if "SMTPUTF8" in
-                           message.sender_params else {},
+                           sender_params=params,
                            client_addr="127.0.0.1", client_name="localhost",
                            protocol="local", listener="bounce",
                            message_id=f"<bounce-{message.queue_id}>")
