@@ -411,10 +411,13 @@ def _nexthop(t: _Table, name: str) -> NextHopConfig:
             ipaddress.ip_address(source)
         except ValueError:
             raise t.error("source_address", f"not an IP address: {source!r}") from None
+    allow_plain = t.get("allow_plaintext_auth", bool, False)
+    if credentials is not None and tls == "none" and not allow_plain:
+        raise t.error("credentials", "would never be sent: tls = \"none\" and credentials "
+                      "go only over TLS (set tls, or allow_plaintext_auth = true)")
     cfg = NextHopConfig(
         name=name, host=host, port=port, mx=mx, tls=tls, ca_file=t.path("ca_file", None),
-        credentials=credentials,
-        allow_plaintext_auth=t.get("allow_plaintext_auth", bool, False),
+        credentials=credentials, allow_plaintext_auth=allow_plain,
         max_connections=t.positive_int("max_connections", 10),
         max_recipients=t.positive_int("max_recipients", 50), source_address=source,
     )

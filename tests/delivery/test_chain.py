@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import smtplib
 import subprocess
@@ -175,8 +176,12 @@ def test_restart_keeps_deferred_mail(tmp_path: Path, final: PostfixInstance) -> 
 
 def test_pflogsumm_counts_match(tmp_path: Path, final: PostfixInstance) -> None:
     require_peer("pflogsumm")
+    json_log = tmp_path / "mailhop.json"
     node = MailhopNode(tmp_path / "node", relay=f"[127.0.0.1]:{final.port}",
-                       queue='min_backoff = "1h"\nmax_backoff = "2h"\n').start()
+                       queue='min_backoff = "1h"\nmax_backoff = "2h"\n')
+    node.config.write_text(node.config.read_text().replace(
+        "[log]\n", f'[log]\njson = "{json_log}"\n'))
+    node.start()
     try:
         for rcpts in (["ok@example.com"], ["user@example.com"], ["defer@example.com"],
                       ["reject@example.com"]):
@@ -189,6 +194,13 @@ def test_pflogsumm_counts_match(tmp_path: Path, final: PostfixInstance) -> None:
     counts = {m.group(2): int(m.group(1)) for m in
               re.finditer(r"^\s*(\d+)\s+(received|delivered|deferred|bounced)\b", out, re.M)}
     assert counts == {"received": 4, "delivered": 2, "deferred": 1, "bounced": 1}, out[:1500]
+    # The JSON log carries the same facts for machines.
+    records = [json.loads(line) for line in json_log.read_text().splitlines()]
+    statuses = sorted(r["status"] for r in records if r["program"] == "smtp")
+    assert statuses == ["bounced", "deferred", "sent", "sent"]
+    sent = next(r for r in records if r.get("status") == "sent")
+    assert sent["queue_id"] and sent["relay"].startswith("127.0.0.1[") and sent["dsn"] == "2.0.0"
+    assert "queued as" in sent["reply"]
 
 
 def test_route_command(tmp_path: Path) -> None:
