@@ -225,6 +225,88 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> tuple[str, int]:
+    """Where local submission goes: --server, else the config's first listener."""
+    from .config import parse_hostport
+
+    if args.server:
+        try:
+            return parse_hostport(args.server, 25)
+        except ValueError as exc:
+            raise CLIError(f"--server: {exc}", EXIT_USAGE) from None
+    if args.config:
+        lst = _load(args.config).listeners[0]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(lst.host, lst.host)
+        return host, lst.port
+    return "127.0.0.1", 2525
+
+
+def _submit(args: argparse.Namespace, sender: str, rcpts: list[str], data: bytes) -> int:
+    from .tools.submit import SubmitError, run_submit
+
+    try:
+        result = run_submit(_server(args), sender, rcpts, data)
+    except SubmitError as exc:
+        raise CLIError(str(exc), exc.code) from None
+    for line in result.rejected:
+        print(f"mailhop: recipient refused: {line}", file=sys.stderr)
+    if args.verbose:
+        print(f"queued as {result.queue_id} for {', '.join(result.accepted)}")
+    return 69 if result.rejected else 0
+
+
+def cmd_sendmail(args: argparse.Namespace) -> int:
+    from .tools.submit import SubmitError, build_sendmail_message, check_address, default_sender
+
+    try:
+        sender = check_address(args.f, "sender") if args.f else default_sender()
+        data, rcpts = build_sendmail_message(
+            sys.stdin.buffer.read(), sender, args.F, args.recipients, args.t,
+            dot_ends=not (args.i or args.oi))
+    except SubmitError as exc:
+        raise CLIError(str(exc), exc.code) from None
+    return _submit(args, sender, rcpts, data)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from .tools.submit import SubmitError, build_mail_message, check_address, default_sender
+
+    try:
+        sender = check_address(args.r, "sender") if args.r else default_sender()
+        rcpts = [check_address(r, "recipient") for r in args.recipients]
+    except SubmitError as exc:
+        raise CLIError(str(exc), exc.code) from None
+    data = build_mail_message(args.s, sender, rcpts, sys.stdin.buffer.read())
+    return _submit(args, sender, rcpts, data)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .tools.trace import LogIndex, as_dict, render
+
+    logs = [Path(p) for p in args.log]
+    for path in logs:
+        if not path.exists():
+            raise CLIError(f"--log {path}: no such file or directory", EXIT_USAGE)
+    index = LogIndex(logs)
+    hops = index.trace(args.id)
+    if not hops:
+        raise CLIError(f"{args.id}: not found in {', '.join(map(str, logs))}")
+    final = index.final_id(hops)
+    if args.json:
+        print(json.dumps({"hops": as_dict(hops), "final_queue_id": final}, indent=2))
+    else:
+        print(render(hops, final, lines=args.lines))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .tools.demo import run
+
+    if args.messages < 1:
+        raise CLIError("--messages must be at least 1", EXIT_USAGE)
+    return run(args.messages, args.keep, args.timeout)
+
+
 def cmd_passwd(args: argparse.Namespace) -> int:
     from .smtpd.auth import UserFileError, set_password
 
@@ -244,10 +326,24 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submission_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="HOST:PORT of the node (default: from -c, or "
+                   "127.0.0.1:2525)")
+    p.add_argument("-c", "--config")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the queue ID")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailhop", description="Store-and-forward SMTP relay")
     parser.add_argument("--version", action="version", version=f"mailhop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the seed's chain (ingress, egress, SES stand-in) "
+                       "on this machine and send mail through it")
+    p.add_argument("--messages", type=int, default=3)
+    p.add_argument("--keep", action="store_true", help="leave the three nodes running")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="run a node")
     p.add_argument("-c", "--config", required=True, help="node config (TOML)")
@@ -288,6 +384,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sender", help="envelope sender (for sender-based routes)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("sendmail", help="submit a message from stdin (sendmail compatible)")
+    p.add_argument("-t", action="store_true", help="take recipients from To:/Cc:/Bcc:")
+    p.add_argument("-i", action="store_true", help="a line with a single dot is not the end")
+    p.add_argument("-oi", action="store_true", help="same as -i")
+    p.add_argument("-f", metavar="SENDER", help="envelope sender")
+    p.add_argument("-F", metavar="NAME", help="full name for a From: header we add")
+    p.add_argument("recipients", nargs="*")
+    _submission_options(p)
+    p.set_defaults(func=cmd_sendmail)
+
+    p = sub.add_parser("send", help="send a text message, like mail -s (body on stdin)")
+    p.add_argument("-s", metavar="SUBJECT", default="", help="subject")
+    p.add_argument("-r", metavar="FROM", help="sender address")
+    p.add_argument("recipients", nargs="+")
+    _submission_options(p)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("trace", help="follow a message hop by hop through maillogs")
+    p.add_argument("id", help="queue ID or Message-ID")
+    p.add_argument("--log", action="append", required=True,
+                   help="a maillog file or directory (repeat for each node)")
+    p.add_argument("--lines", action="store_true", help="also print the raw log lines")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("passwd", help="set a password in an AUTH users file")
     p.add_argument("file")
