@@ -60,7 +60,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 UserDB.load(lst.users)
             except UserFileError as exc:
                 raise ConfigError(cfg.path, f"listen[{i}].users", str(exc)) from None
-    print(f"{cfg.path}: ok ({len(cfg.listeners)} listener(s), spool {cfg.node.spool})")
+    from .delivery.credentials import CredentialsError, load_credentials
+
+    for name, hop in cfg.nexthops.items():
+        if hop.credentials is not None:
+            try:
+                load_credentials(hop.credentials, hop.host, hop.port, hop.mx)
+            except CredentialsError as exc:
+                raise ConfigError(cfg.path, f"nexthop.{name}.credentials", str(exc)) from None
+    hops = ", ".join(f"{h.name} -> {h.label}" for h in cfg.nexthops.values()
+                     if h.name == cfg.relay.default or any(r.hop == h.name
+                                                           for r in cfg.relay.routes))
+    print(f"{cfg.path}: ok ({len(cfg.listeners)} listener(s), spool {cfg.node.spool}; "
+          f"next hops: {hops})")
     return 0
 
 
