@@ -311,6 +311,57 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    import socket
+
+    from .config import TLS_POLICIES, DeliveryConfig, NextHopConfig
+    from .delivery.credentials import CredentialsError, load_credentials
+    from .tools import probe
+
+    if (args.mail_from is None) != (args.mail_to is None):
+        raise CLIError("--from and --to go together", EXIT_USAGE)
+    mail = (args.mail_from, args.mail_to) if args.mail_from else None
+    settings = DeliveryConfig(connect_timeout=args.timeout, greeting_timeout=args.timeout,
+                              command_timeout=args.timeout, data_timeout=max(args.timeout, 60))
+    hops: list[tuple[NextHopConfig, object]] = []
+    hosts = Path(args.hosts) if args.hosts else None
+    helo = args.helo or socket.getfqdn()
+    try:
+        if args.config:
+            cfg = _load(args.config)
+            hosts = hosts or cfg.hosts_file
+            helo = args.helo or cfg.delivery.helo_name or cfg.node.hostname
+            for hop in cfg.nexthops.values():
+                if not hop.host:
+                    continue  # "direct" has no single target to probe
+                creds = (load_credentials(hop.credentials, hop.host, hop.port, hop.mx)
+                         if hop.credentials else None)
+                hops.append((hop, creds))
+        if args.target:
+            host, port, mx = probe.parse_target(args.target)
+            if args.tls not in TLS_POLICIES:
+                raise CLIError(f"--tls must be one of {', '.join(TLS_POLICIES)}", EXIT_USAGE)
+            hop = NextHopConfig("probe", host, port or 25, mx=mx, tls=args.tls,
+                                ca_file=Path(args.ca_file) if args.ca_file else None)
+            creds = None
+            if args.credentials:
+                from .config import check_private_file
+
+                check_private_file(Path(args.credentials), args.credentials, "--credentials")
+                creds = load_credentials(Path(args.credentials), host, hop.port, mx)
+            hops.append((hop, creds))
+    except (ValueError, CredentialsError, OSError) as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+    if not hops:
+        raise CLIError("give HOST[:PORT] or --config FILE", EXIT_USAGE)
+    reports = probe.run(hops, settings, hosts, helo, mail)  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+    else:
+        print("\n\n".join(probe.render(r) for r in reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .tools.demo import run
 
@@ -356,6 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="leave the three nodes running")
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("probe", help="test every address of a next hop: connect, EHLO, "
+                       "STARTTLS, AUTH")
+    p.add_argument("target", nargs="?", help="HOST (MX lookup), HOST:PORT or [HOST]:PORT")
+    p.add_argument("-c", "--config", help="probe every next hop of this node config")
+    p.add_argument("--credentials", help="user:password or sasl_passwd file (mode 0600)")
+    p.add_argument("--tls", default="verify", help="none, may, encrypt or verify (default)")
+    p.add_argument("--ca-file", help="CA certificates to verify against (default: system)")
+    p.add_argument("--hosts", help="static name answers, /etc/hosts format")
+    p.add_argument("--helo", help="name to send in EHLO")
+    p.add_argument("--from", dest="mail_from", help="also send a test message from this")
+    p.add_argument("--to", dest="mail_to", help="... to this recipient")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per step")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("serve", help="run a node")
     p.add_argument("-c", "--config", required=True, help="node config (TOML)")

@@ -61,7 +61,7 @@ def tls_context(hop: NextHopConfig) -> ssl.SSLContext:
     return ctx
 
 
-class _Protocol(asyncio.Protocol):
+class ClientProtocol(asyncio.Protocol):
     """Feeds bytes to the client engine and queues the paired replies."""
 
     def __init__(self, conn: ClientConnection) -> None:
@@ -102,7 +102,7 @@ class Timing:
 
 class HopConnection:
     def __init__(self, hop: NextHopConfig, settings: DeliveryConfig, target: Target,
-                 address: str, proto: _Protocol, helo: str) -> None:
+                 address: str, proto: ClientProtocol, helo: str) -> None:
         self.hop = hop
         self.settings = settings
         self.target = target
@@ -159,25 +159,29 @@ class HopConnection:
 
     # -- setup ----------------------------------------------------------------
     async def handshake(self, credentials: Credentials | None) -> None:
-        s = self.settings
-        greeting = await self._read("greeting", s.greeting_timeout, "receiving the initial "
-                                    "server greeting")
-        if greeting.code != 220:
-            raise DeliveryError(_soft(Reply.of(greeting.code, greeting.enhanced,
-                                               f"host {self.relay} refused to talk to me: "
-                                               f"{greeting.text}")), self.relay)
-        await self._hello()
+        """Greeting, EHLO, STARTTLS as the hop's policy says, AUTH if configured."""
+        await self.greeting()
+        await self.hello()
         policy = self.hop.tls
         if policy != "none":
             if self.conn.caps.starttls:
-                await self._starttls()
+                await self.starttls()
             elif policy in ("encrypt", "verify"):
                 raise DeliveryError(Reply.of(450, "4.7.4", f"TLS is required, but was not "
                                              f"offered by host {self.relay}"), self.relay)
         if credentials is not None:
-            await self._authenticate(credentials)
+            await self.authenticate(credentials)
 
-    async def _hello(self) -> None:
+    async def greeting(self) -> Reply:
+        greeting = await self._read("greeting", self.settings.greeting_timeout,
+                                    "receiving the initial server greeting")
+        if greeting.code != 220:
+            raise DeliveryError(_soft(Reply.of(greeting.code, greeting.enhanced,
+                                               f"host {self.relay} refused to talk to me: "
+                                               f"{greeting.text}")), self.relay)
+        return greeting
+
+    async def hello(self) -> None:
         s = self.settings
         self._write(self.conn.ehlo())
         reply = await self._read("ehlo", s.command_timeout, "sending EHLO")
@@ -191,7 +195,7 @@ class HopConnection:
         raise DeliveryError(_soft(Reply(reply.code, reply.enhanced,
                                         (self.said(reply, "EHLO"),))), self.relay)
 
-    async def _starttls(self) -> None:
+    async def starttls(self) -> None:
         s = self.settings
         self._write(self.conn.starttls())
         reply = await self._read("starttls", s.command_timeout, "sending STARTTLS")
@@ -217,9 +221,14 @@ class HopConnection:
                                          f"failed: {detail}"), self.relay) from None
         self.proto.transport = new  # type: ignore[assignment]
         self.conn.tls_established()
-        await self._hello()
+        await self.hello()
 
-    async def _authenticate(self, creds: Credentials) -> None:
+    @property
+    def tls_info(self) -> ssl.SSLObject | None:
+        transport = self.proto.transport
+        return transport.get_extra_info("ssl_object") if transport is not None else None
+
+    async def authenticate(self, creds: Credentials) -> None:
         if not self.conn.tls and not self.hop.allow_plaintext_auth:
             raise DeliveryError(Reply.of(450, "4.7.0", f"refusing to send credentials to "
                                          f"{self.relay} without TLS"), self.relay)
@@ -340,8 +349,8 @@ async def open_connection(hop: NextHopConfig, settings: DeliveryConfig, resolver
         conn = ClientConnection(helo)
         try:
             result = await connect_staggered(
-                order, hop.port, lambda c=conn: _Protocol(c), timeout=settings.connect_timeout,
-                source=hop.source_address)
+                order, hop.port, lambda c=conn: ClientProtocol(c),
+                timeout=settings.connect_timeout, source=hop.source_address)
         except ConnectFailed as exc:
             for address, _ in exc.errors:
                 memory.failed(target.host, address)
@@ -353,7 +362,7 @@ async def open_connection(hop: NextHopConfig, settings: DeliveryConfig, resolver
             memory.failed(target.host, address)
         memory.succeeded(target.host, result.address)
         proto = result.protocol
-        assert isinstance(proto, _Protocol)
+        assert isinstance(proto, ClientProtocol)
         hc = HopConnection(hop, settings, target, result.address, proto, helo)
         try:
             await hc.handshake(credentials)

@@ -51,6 +51,7 @@ class DemoNode:
 
 def _port(wanted: int) -> int:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
         try:
             s.bind(("127.0.0.1", wanted))
             return wanted
@@ -272,14 +273,15 @@ hold_delivery = true
         c.print(f"\nThe chain keeps running; its files are in {self.work}")
         for n in self.nodes.values():
             assert n.proc is not None
-            c.print(f"  {n.title:<20} 127.0.0.1:{n.port}  pid {n.proc.pid}  config {n.config}")
+            c.print(f"  {n.title:<20} 127.0.0.1:{n.port}  pid {n.proc.pid}  config {n.config}",
+                    soft_wrap=True)
         c.print("Send more mail:\n"
                 f"  echo hello | mailhop send -s test -r app@shanghai.example.com "
                 f"user@tokyo.example.net --server 127.0.0.1:{ing.port}\n"
                 f"Follow a message:\n  mailhop trace QUEUE_ID --log {self.work}\n"
                 "Stop it:\n  kill " + " ".join(str(n.proc.pid) for n in self.nodes.values()
                                               if n.proc) + f" && rm -rf {self.work}",
-                highlight=False)
+                highlight=False, soft_wrap=True)
 
     def failure_hint(self) -> str:
         log = self.nodes["ingress"].log.read_text() + self.nodes["egress"].log.read_text()
