@@ -246,7 +246,8 @@ def test_lifetime_expiry_bounces(tmp_path: Path) -> None:
         qid = send(node.port, "app@example.com", ["user@example.com"])
         wait_for(lambda: f"{qid}: from=<app@example.com>, status=expired, returned to sender"
                  in node.log(), timeout=30, what="expiry")
-        assert re.search(rf"{qid}: sender non-delivery notification: [0-9A-F]+", node.log())
+        wait_for(lambda: re.search(rf"{qid}: sender non-delivery notification: [0-9A-F]+",
+                                   node.log()), timeout=10, what="the bounce")
     finally:
         node.stop()
 

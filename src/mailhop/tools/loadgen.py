@@ -38,12 +38,22 @@ def make_message(token: str, size: int, sender: str, rcpt: str) -> bytes:
     return head + body
 
 
+_LOST = Reply.of(599, "", "connection lost")
+
+
 class _Session(asyncio.Protocol):
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.parser = ReplyParser()
         self.replies: asyncio.Queue[Reply] = asyncio.Queue()
         self.done = done
         self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    async def get(self) -> Reply:
+        """The next reply; once the connection is gone, always a 599."""
+        if self.closed and self.replies.empty():
+            return _LOST
+        return await self.replies.get()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -56,7 +66,8 @@ class _Session(asyncio.Protocol):
             self.replies.put_nowait(Reply.of(599, "", f"bad reply: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.replies.put_nowait(Reply.of(599, "", "connection lost"))
+        self.closed = True
+        self.replies.put_nowait(_LOST)
 
 
 async def _session(host: str, port: int, tokens: asyncio.Queue[str], size: int,
@@ -72,7 +83,7 @@ async def _session(host: str, port: int, tokens: asyncio.Queue[str], size: int,
         result.errors.append(f"connect: {exc}")
         return
     assert isinstance(proto, _Session)
-    get = proto.replies.get
+    get = proto.get
     try:
         if (await get()).code != 220:
             result.errors.append("no greeting")
@@ -84,7 +95,7 @@ async def _session(host: str, port: int, tokens: asyncio.Queue[str], size: int,
         envelope = f"MAIL FROM:<{sender}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode()
         pending = b""  # the previous message's data, sent with this envelope
         previous: str | None = None
-        while True:
+        while not proto.closed:
             token = tokens.get_nowait() if not tokens.empty() else None
             if token is None:
                 break
@@ -104,7 +115,8 @@ async def _session(host: str, port: int, tokens: asyncio.Queue[str], size: int,
             message = make_message(token, size, sender, rcpt)
             pending = message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
             previous = token
-        transport.write(pending + b"QUIT\r\n")
+        if not proto.closed:
+            transport.write(pending + b"QUIT\r\n")
         if previous is not None:
             _record(await get(), previous, result)
     finally:

@@ -1,0 +1,77 @@
+"""A counting SMTP sink: accepts everything and records each message's token.
+
+Run as a process (``python tests/chaos/sink.py PORT TOKENS_FILE``) so it
+never competes with the test for the GIL.  Built on mailhop's own server
+engine; the token is the ``X-Mailhop-Token`` header the load generator
+puts in every message.  Tokens are appended to a file, one per line, so a
+test can count what arrived (and how often) at any time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "src"))
+
+from mailhop.protocol import (  # noqa: E402
+    CLOSED,
+    NEED_DATA,
+    PAUSED,
+    MessageReceived,
+    ServerConfig,
+    ServerConnection,
+)
+
+TOKEN = re.compile(rb"(?im)^X-Mailhop-Token:[ \t]*(\S+)")
+CONFIG = ServerConfig(hostname="sink.test", max_message_size=50 * 1024 * 1024)
+
+
+class Sink(asyncio.Protocol):
+    out = None  # the tokens file, shared
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.conn = ServerConnection(CONFIG)
+        self.conn.greet()
+        transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+        self.count = 0
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.receive_data(data)
+        while True:
+            event = conn.next_event()
+            if event in (NEED_DATA, PAUSED):
+                break
+            if event is CLOSED:
+                self.transport.write(conn.data_to_send())  # type: ignore[attr-defined]
+                self.transport.close()
+                return
+            if isinstance(event, MessageReceived):
+                match = TOKEN.search(event.data)
+                token = match.group(1).decode() if match else "-"
+                Sink.out.write(f"{token}\n")
+                self.count += 1
+                conn.accept(f"Ok: queued as SINK{self.count}")
+            else:
+                conn.accept()
+        Sink.out.flush()
+        self.transport.write(conn.data_to_send())  # type: ignore[attr-defined]
+
+
+async def main(port: int, path: str) -> None:
+    Sink.out = open(path, "a", encoding="utf-8")  # noqa: SIM115
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Sink, "127.0.0.1", port, reuse_address=True)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    server.close()
+    Sink.out.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
