@@ -10,6 +10,7 @@ counted and reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import subprocess
@@ -17,14 +18,15 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from support import MailhopNode, free_port, wait_for, wait_port  # noqa: E402
+from support import MailhopNode, free_port, wait_for, wait_port
 
-from mailhop.tools.loadgen import run_load  # noqa: E402
+from mailhop.tools.loadgen import run_load
 
 SINK = Path(__file__).with_name("sink.py")
 
@@ -56,17 +58,18 @@ class CountingSink:
 class Chain:
     """ingress -> egress -> counting sink, all real processes on loopback."""
 
-    def __init__(self, directory: Path, *, egress_relay_port: int | None = None,
-                 ingress_relay_port: int | None = None, queue: str = "",
-                 extra: str = "") -> None:
+    def __init__(self, directory: Path, *, link: Callable[[int], int] | None = None,
+                 queue: str = "", extra: str = "") -> None:
+        """``link`` gets the egress port and returns the port the ingress relays to
+        (a :class:`FaultyProxy` in front of the egress, for instance)."""
         self.dir = directory
         self.sink = CountingSink(directory)
         hop = 'tls = "none"\nmax_connections = 8\n'
         self.egress = MailhopNode(directory / "egress", name="egress", hop=hop, queue=queue,
-                                  relay=f"[127.0.0.1]:{egress_relay_port or self.sink.port}",
-                                  extra=extra)
+                                  relay=f"[127.0.0.1]:{self.sink.port}", extra=extra)
+        next_port = link(self.egress.port) if link else self.egress.port
         self.ingress = MailhopNode(directory / "ingress", name="ingress", hop=hop, queue=queue,
-                                   relay=f"[127.0.0.1]:{ingress_relay_port or self.egress.port}",
+                                   relay=f"[127.0.0.1]:{next_port}",
                                    listen="max_connections_per_ip = 1000\n", extra=extra)
 
     def start(self) -> Chain:
@@ -99,6 +102,7 @@ class Load:
     acked: list[str] = field(default_factory=list)
     refused: int = 0
     errors: int = 0
+    pause: float = 0.0  # between batches, to cap the offered load
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -128,6 +132,8 @@ class Load:
             self.errors += len(result.errors)
             if not result.acked:
                 await asyncio.sleep(0.1)  # the node is down: do not spin
+            elif self.pause:
+                await asyncio.sleep(self.pause)
 
 
 @dataclass
@@ -165,6 +171,100 @@ def kill_loop(chain: Chain, kills: int, rng: random.Random,
         node.start()
         done.append(node.name)
     return done
+
+
+class FaultyProxy:
+    """A userspace stand-in for a bad cross-border link (this kernel has no netem).
+
+    Between ingress and egress it adds ``latency`` per direction, caps the rate,
+    and, on a share of connections, drops them at a chosen point: during the
+    greeting, in the middle of DATA, or after the final dot before the reply
+    comes back (the case that must lead to a retry, never a loss).  ``hang``
+    makes new connections accept and then say nothing, like a black-holed path.
+    """
+
+    MODES = ("greeting", "data", "after_dot")
+
+    def __init__(self, target_port: int, *, latency: float = 0.02, rate: float | None = None,
+                 fault_every: int = 2) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.latency = latency
+        self.rate = rate
+        self.fault_every = fault_every  # every Nth connection fails, cycling through MODES
+        self.hang = False
+        self.faults: Counter[str] = Counter()
+        self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+
+    def start(self) -> FaultyProxy:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, reuse_address=True), self._loop)
+        self._server = future.result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.hang:
+            await asyncio.sleep(3600)  # cancelled when the client gives up
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        n = self.connections
+        mode = self.MODES[(n // self.fault_every) % len(self.MODES)] \
+            if self.fault_every and n % self.fault_every == 0 else None
+        state = {"dot": False, "data": 0}
+
+        def reset(why: str) -> None:
+            self.faults[why] += 1
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+        async def client_to_server() -> None:
+            while chunk := await reader.read(65536):
+                await asyncio.sleep(self.latency)
+                if mode == "data" and state["data"] > 0 and state["data"] + len(chunk) > 512:
+                    up_writer.write(chunk[: max(1, len(chunk) // 2)])
+                    return reset("mid-DATA")
+                if b"DATA\r\n" in chunk or state["data"]:
+                    state["data"] += len(chunk)
+                if b"\r\n.\r\n" in chunk:
+                    state["dot"] = True
+                up_writer.write(chunk)
+                await self._pace(len(chunk))
+            up_writer.close()
+
+        async def server_to_client() -> None:
+            first = True
+            while chunk := await up_reader.read(65536):
+                await asyncio.sleep(self.latency)
+                if first and mode == "greeting":
+                    return reset("greeting")
+                first = False
+                if mode == "after_dot" and state["dot"]:
+                    return reset("after final dot")
+                writer.write(chunk)
+                await self._pace(len(chunk))
+            writer.close()
+
+        with contextlib.suppress(Exception):
+            await asyncio.gather(client_to_server(), server_to_client())
+
+    async def _pace(self, size: int) -> None:
+        if self.rate:
+            await asyncio.sleep(size / self.rate)
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -223,3 +323,33 @@ def scenario_outage(directory: Path, outage: float = 4.0) -> tuple[Outcome, str]
         load.stop()
         chain.stop()
     return result, log
+
+
+def scenario_lossy(directory: Path, seconds: float = 8.0) -> Outcome:
+    """ingress -> faulty link (20 ms each way, drops) -> egress -> sink."""
+    proxies: list[FaultyProxy] = []
+
+    def link(egress_port: int) -> int:
+        proxies.append(FaultyProxy(egress_port, latency=0.02, rate=2_000_000).start())
+        return proxies[0].port
+
+    chain = Chain(directory, link=link,
+                  extra='[delivery]\nidle_time = "0.3s"\n').start()  # more, shorter connections
+    proxy = proxies[0]
+    started = time.monotonic()
+    load = Load(chain.ingress.host, chain.ingress.port, sessions=2, batch=20, pause=0.2).start()
+    try:
+        time.sleep(seconds)
+        load.stop()
+        chain.wait_drained(timeout=180)
+        time.sleep(0.5)
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(proxy.faults.items()))
+        result = outcome("lossy link 20ms+drops", load.acked, chain.sink.tokens(),
+                         time.monotonic() - started,
+                         f"{proxy.connections} connections; resets: {faults or 'none'}")
+        result.faults = dict(proxy.faults)  # type: ignore[attr-defined]
+    finally:
+        load.stop()
+        chain.stop()
+        proxy.stop()
+    return result

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "src"))
 
-from mailhop.protocol import (  # noqa: E402
+from mailhop.protocol import (
     CLOSED,
     NEED_DATA,
     PAUSED,

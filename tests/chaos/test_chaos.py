@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from harness import scenario_kill9, scenario_outage
+from harness import scenario_kill9, scenario_lossy, scenario_outage
 
 pytestmark = pytest.mark.chaos
 
@@ -27,3 +27,13 @@ def test_next_hop_outage_defers_then_drains(tmp_path: Path) -> None:
     assert re.search(r"dsn=4\.4\.1, status=deferred \(connect to 127\.0\.0\.1\[127\.0\.0\.1\]"
                      r":\d+: Connection refused\)", log)
     assert "delivery temporarily suspended" in log  # the dead hop is not hammered
+
+
+def test_lossy_link_retries_and_loses_nothing(tmp_path: Path) -> None:
+    result = scenario_lossy(tmp_path, seconds=6.0)
+    print(f"\n{result}")
+    assert result.lost == 0, result
+    assert result.acked > 50
+    faults = result.faults  # type: ignore[attr-defined]
+    for kind in ("greeting", "mid-DATA", "after final dot"):
+        assert faults.get(kind, 0) >= 1, f"no {kind} reset happened: {faults}"
