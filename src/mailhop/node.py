@@ -10,12 +10,15 @@ import asyncio
 import contextlib
 import resource
 import signal
+from dataclasses import replace
 from typing import Any
 
 from . import __version__, control
-from .config import Config
+from .config import Config, ConfigError, load
+from .delivery.credentials import CredentialsError
 from .delivery.scheduler import Scheduler
 from .observe.maillog import MailLog
+from .smtpd.auth import UserFileError
 from .smtpd.listener import Listener
 from .spool import ops
 from .spool.store import Spool
@@ -97,10 +100,50 @@ class Node:
                               queue_id)
         return {"ok": True, "ids": done}
 
+    async def reload(self) -> None:
+        """SIGHUP: read the config again; on any error keep running the old one.
+
+        Queued mail and established sessions are untouched: a session keeps the
+        settings it started with, new sessions and new deliveries get the new ones.
+        """
+        try:
+            cfg = load(self.cfg.path)
+            for lcfg in cfg.listeners:  # certificates, users: fail now, not per session
+                Listener.check(lcfg)
+            scheduler_check = Scheduler.load_credentials(cfg)
+        except (ConfigError, CredentialsError, UserFileError, OSError, ValueError) as exc:
+            self.maillog.warning("master", f"reload failed, keeping the running "
+                                 f"configuration: {exc}")
+            return
+        if cfg.node.spool != self.cfg.node.spool or cfg.log != self.cfg.log:
+            self.maillog.warning("master", "reload: spool and log settings need a restart; "
+                                 "keeping the old ones")
+        old = {(lst.cfg.host, lst.cfg.port): lst for lst in self.listeners}
+        kept: list[Listener] = []
+        for lcfg in cfg.listeners:
+            listener = old.pop((lcfg.host, lcfg.port), None)
+            if listener is not None:
+                listener.configure(lcfg)
+            else:
+                assert self.scheduler is not None
+                listener = Listener(lcfg, cfg.node.hostname, self.spool, self.maillog,
+                                    on_queued=self.scheduler.submit_new)
+                await listener.start()
+            kept.append(listener)
+        for listener in old.values():  # removed: stop accepting, let sessions finish
+            listener.stop_accepting()
+        self.listeners = kept
+        if self.scheduler is not None:
+            self.scheduler.reconfigure(cfg, scheduler_check)
+        self.cfg = replace(cfg, node=replace(cfg.node, spool=self.cfg.node.spool),
+                           log=self.cfg.log)
+        self.maillog.emit("master", "reload -- configuration " + str(cfg.path))
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopped.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         try:
             await self.start()
         except BaseException:

@@ -106,11 +106,27 @@ class Scheduler:
         self._scan_wake = asyncio.Event()
         self._scanner: asyncio.Task[None] | None = None
         self._stopping = False
-        self.credentials: dict[str, Credentials] = {}
-        for name, hop in cfg.nexthops.items():
-            if hop.credentials is not None:
-                self.credentials[name] = load_credentials(hop.credentials, hop.host, hop.port,
-                                                          hop.mx)
+        self.credentials = self.load_credentials(cfg)
+
+    @staticmethod
+    def load_credentials(cfg: Config) -> dict[str, Credentials]:
+        """Every hop's credentials, read now (raises on a bad file: fail early)."""
+        return {name: load_credentials(hop.credentials, hop.host, hop.port, hop.mx)
+                for name, hop in cfg.nexthops.items() if hop.credentials is not None}
+
+    def reconfigure(self, cfg: Config, credentials: dict[str, Credentials]) -> None:
+        """A reload: new routes and hops for new work; jobs already queued keep theirs."""
+        self.cfg = cfg
+        self.router = Router(cfg.relay)
+        self.resolver = Resolver(cfg.hosts_file)
+        self.helo = cfg.delivery.helo_name or cfg.node.hostname
+        self.credentials = credentials
+        for (name, _), dest in list(self.destinations.items()):
+            hop = cfg.nexthops.get(name)
+            if hop is not None:
+                dest.hop, dest.credentials = hop, credentials.get(name)
+                dest.suspended_until = 0.0
+        self.wake()
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> None:

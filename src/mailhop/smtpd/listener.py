@@ -88,12 +88,34 @@ class Listener:
         self.spool = spool
         self.maillog = maillog
         self.on_queued = on_queued
+        self.configure(cfg)
+        self.sessions: set[Session] = set()
+        self.server: asyncio.base_events.Server | None = None
+        self.accepting = True
+        self._sweeper: asyncio.Task[None] | None = None
+        self._free_checked = 0.0
+        self._free_ok = True
+
+    @staticmethod
+    def check(cfg: ListenConfig) -> None:
+        """Load what a listener needs from disk; raises OSError/ValueError if it cannot."""
+        if cfg.tls:
+            server_tls_context(str(cfg.tls.cert), str(cfg.tls.key))
+        if cfg.users:
+            UserDB.load(cfg.users)
+
+    def configure(self, cfg: ListenConfig) -> None:
+        """(Re)apply settings; sessions already running keep the ones they started with."""
+        old = getattr(self, "policy", None)
+        self.cfg = cfg
         self.policy = AccessPolicy(cfg)
+        if old is not None:  # connection counts carry over a reload
+            self.policy.per_ip, self.policy.total = old.per_ip, old.total
         self.tls_context = server_tls_context(str(cfg.tls.cert), str(cfg.tls.key)) \
             if cfg.tls else None
         self.users = UserDB.load(cfg.users) if cfg.users else None
         self.engine_config = ServerConfig(
-            hostname=hostname,
+            hostname=self.hostname,
             max_message_size=cfg.max_message_size,
             max_recipients=cfg.max_recipients,
             tls_available=self.tls_context is not None,
@@ -101,12 +123,6 @@ class Listener:
             allow_plaintext_auth=cfg.allow_plaintext_auth,
             require_tls=cfg.require_tls,
         )
-        self.sessions: set[Session] = set()
-        self.server: asyncio.base_events.Server | None = None
-        self.accepting = True
-        self._sweeper: asyncio.Task[None] | None = None
-        self._free_checked = 0.0
-        self._free_ok = True
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
