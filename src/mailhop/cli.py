@@ -191,6 +191,47 @@ def cmd_queue_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue_check(args: argparse.Namespace) -> int:
+    import fcntl
+    import os
+    import sqlite3
+
+    from .spool.check import find_problems, repair
+
+    spool = _spool_dir(args)
+    if not (spool / "spool.db").exists():
+        raise CLIError(f"no spool at {spool}")
+    fd = os.open(spool / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        running = False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            running = True
+        if args.repair and running:
+            raise CLIError("stop the node before --repair (checking alone is safe while it runs)")
+        db = sqlite3.connect(spool / "spool.db", isolation_level=None, timeout=10)
+        try:
+            problems = find_problems(db, spool)
+            for p in problems:
+                print(f"{p.queue_id}: {p.kind}: {p.detail}")
+            if args.repair and problems:
+                db.execute("PRAGMA foreign_keys=ON")
+                db.execute("BEGIN IMMEDIATE")
+                done = repair(db, spool, problems)
+                db.execute("COMMIT")
+                print("\n".join(done))
+                print(f"repaired {len(done)} problem(s)")
+                return 0
+        finally:
+            db.close()
+    finally:
+        os.close(fd)
+    print(f"spool {spool}: " + ("ok" if not problems else f"{len(problems)} problem(s); "
+                                "run with --repair to fix them"))
+    return 0 if not problems else 1
+
+
 def _queue_control_offline(spool: Path, action: str, ids: list[str]) -> list[str]:
     import fcntl
     import os
@@ -444,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("queue_id")
             p.add_argument("--body", action="store_true", help="print the body too")
         p.set_defaults(func=func)
+
+    p = q.add_parser("check", help="verify the spool (bodies, recipients) and optionally "
+                     "repair it")
+    p.add_argument("-c", "--config")
+    p.add_argument("--spool", help="spool directory (instead of -c)")
+    p.add_argument("--repair", action="store_true", help="fix what can be fixed (node stopped)")
+    p.set_defaults(func=cmd_queue_check)
 
     for name, helptext in (("flush", "retry deferred mail now"),
                            ("hold", "put messages on hold (ID ... or ALL)"),

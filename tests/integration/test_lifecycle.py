@@ -58,3 +58,39 @@ def test_sighup_reload(tmp_path: Path) -> None:
     finally:
         node.stop()
         final.stop()
+
+
+def test_queue_check_and_repair(tmp_path: Path) -> None:
+    import sqlite3
+
+    node = MailhopNode(tmp_path / "node", relay=None,
+                       extra="[queue]\nhold_delivery = true\n").start()
+    big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 1200  # > 1 MiB: a body file
+    ids = []
+    for data in (b"Subject: small\r\n\r\nx\r\n", big, b"Subject: third\r\n\r\ny\r\n"):
+        with smtplib.SMTP(node.host, node.port) as s:
+            s.ehlo("x")
+            s.mail("a@example.com")
+            s.rcpt("b@example.com")
+            ids.append(s.data(data)[1].split()[-1].decode())
+    spool = str(node.spool)
+    assert mailhop("queue", "check", "--spool", spool).returncode == 0  # fine, while running
+    node.stop()
+    # break it: lose a body file, leave an orphan file, orphan a message's recipients
+    (node.spool / "bodies" / ids[1]).unlink()
+    (node.spool / "bodies" / "STRAY").write_bytes(b"junk")
+    db = sqlite3.connect(node.spool / "spool.db")
+    db.execute("DELETE FROM recipient WHERE message = ?", (ids[2],))
+    db.commit()
+    db.close()
+    result = mailhop("queue", "check", "--spool", spool)
+    assert result.returncode == 1
+    assert f"{ids[1]}: missing body" in result.stdout
+    assert f"{ids[2]}: no recipients" in result.stdout
+    assert "STRAY: orphan body" in result.stdout
+    result = mailhop("queue", "check", "--spool", spool, "--repair")
+    assert result.returncode == 0, result.stderr
+    assert (node.spool / "corrupt" / f"{ids[1]}.json").exists()
+    assert not (node.spool / "bodies" / "STRAY").exists()
+    assert mailhop("queue", "check", "--spool", spool).returncode == 0
+    assert [e["queue_id"] for e in node.queue()] == [ids[0]]  # the healthy one is untouched

@@ -215,18 +215,18 @@ class Spool:
             self._lock_fd = None
 
     def _recover(self, db: sqlite3.Connection) -> list[str]:
-        """Make the spool consistent after any crash: the quick startup check."""
-        notes = []
-        known = {row[0] for row in db.execute(
-            "SELECT body_file FROM message WHERE body_file IS NOT NULL")}
-        for path in self.body_dir.iterdir():
-            if path.name not in known:
-                path.unlink(missing_ok=True)  # written but never committed: not accepted
-                notes.append(f"removed uncommitted body {path.name}")
-        cur = db.execute("UPDATE recipient SET state = ? WHERE state = ?",
-                         (RcptState.QUEUED.value, RcptState.ACTIVE.value))
-        if cur.rowcount:
-            notes.append(f"requeued {cur.rowcount} recipients that were in delivery")
+        """Make the spool consistent after any crash: the quick form of ``queue check``."""
+        from .check import find_problems, repair
+
+        problems = find_problems(db, self.directory, quick=True)
+        # A body written but never committed was never acknowledged: remove it.
+        orphans = [p for p in problems if p.kind == "orphan body"]
+        notes = [f"removed uncommitted body {p.queue_id}" for p in orphans]
+        repair(db, self.directory, orphans)
+        others = [p for p in problems if p.kind != "orphan body"]
+        if others:
+            notes.append(f"{len(others)} problem(s) in the spool, e.g. {others[0].queue_id}: "
+                         f"{others[0].kind}; run: mailhop queue check --repair")
         return notes
 
     # -- the writer -------------------------------------------------------
