@@ -184,7 +184,9 @@ class ListenConfig:
     data_timeout: float = 600.0
     max_connections: int = 1000
     max_connections_per_ip: int = 50
-    auth_failure_limit: int = 3
+    auth_failure_limit: int = 3  # per session, then 421
+    auth_ip_failure_limit: int = 10  # per client address within auth_block_time, then blocked
+    auth_block_time: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -378,6 +380,8 @@ def _listen(t: _Table, index: int) -> ListenConfig:
         max_connections=t.positive_int("max_connections", 1000),
         max_connections_per_ip=t.positive_int("max_connections_per_ip", 50),
         auth_failure_limit=t.positive_int("auth_failure_limit", 3),
+        auth_ip_failure_limit=t.positive_int("auth_ip_failure_limit", 10),
+        auth_block_time=t.duration("auth_block_time", "10m"),
     )
     if cfg.max_recipients < 100:
         raise t.error("max_recipients", "must be at least 100 (RFC 5321 4.5.3.1.8)")

@@ -277,3 +277,37 @@ def test_second_node_on_same_spool_refused(node: MailhopNode) -> None:
     assert result.returncode == 1
     assert "in use by another mailhop" in result.stderr and "Traceback" not in result.stderr
     wait_for(lambda: node.proc is not None and node.proc.poll() is None)
+
+
+def test_auth_brute_force_is_slowed_then_blocked_per_address(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    users = tmp_path / "users"
+    mailhop("passwd", str(users), "app", "--password-stdin", stdin="right\n")
+    n = MailhopNode(tmp_path / "n", networks=("127.0.0.1/32",), listen=f"""\
+        auth = "optional"
+        users = "{users}"
+        tls = {{ cert = "{certs.cert}", key = "{certs.key}" }}
+        auth_failure_limit = 2
+        auth_ip_failure_limit = 4
+        """).start()
+    ctx = ssl.create_default_context(cafile=str(certs.ca))
+    try:
+        for _ in range(2):  # two sessions of two failures each: the address is blocked
+            s = smtplib.SMTP(n.host, n.port, source_address=("127.0.0.3", 0))
+            s.starttls(context=ctx)
+            started = time.monotonic()
+            for _ in range(2):
+                with pytest.raises(smtplib.SMTPException):
+                    s.login("app", "wrong")
+            assert time.monotonic() - started >= 0.7  # each failure costs the attacker time
+            with pytest.raises(smtplib.SMTPServerDisconnected):
+                s.noop()  # 421 and disconnect after the per-session limit
+        blocked = socket.create_connection((n.host, n.port), source_address=("127.0.0.3", 0))
+        assert recv_reply(blocked).startswith(b"421 4.7.0 Error: too many authentication")
+        blocked.close()
+        with smtplib.SMTP(n.host, n.port, source_address=("127.0.0.4", 0)) as s:
+            s.starttls(context=ctx)
+            s.login("app", "right")  # other addresses are not punished
+        assert "blocked for 600s after repeated AUTH failures" in n.log()
+    finally:
+        n.stop()

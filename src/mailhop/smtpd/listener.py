@@ -109,8 +109,9 @@ class Listener:
         old = getattr(self, "policy", None)
         self.cfg = cfg
         self.policy = AccessPolicy(cfg)
-        if old is not None:  # connection counts carry over a reload
+        if old is not None:  # connection counts and AUTH failures carry over a reload
             self.policy.per_ip, self.policy.total = old.per_ip, old.total
+            self.policy.auth_failures = old.auth_failures
         self.tls_context = server_tls_context(str(cfg.tls.cert), str(cfg.tls.key)) \
             if cfg.tls else None
         self.users = UserDB.load(cfg.users) if cfg.users else None
@@ -420,9 +421,13 @@ class Session(asyncio.Protocol):
         self.auth_failures += 1
         lst.maillog.warning("smtpd", f"{self.client}: SASL {event.mechanism} authentication "
                             f"failed: user={_safe(event.username, 64)}")
+        blocked = lst.policy.auth_failed(self.addr) and not self.trusted
         await asyncio.sleep(min(1.0, 0.25 * self.auth_failures))  # slow brute force down
         self.conn.reject(Reply.of(535, "5.7.8", "Error: authentication failed"))
-        if self.auth_failures >= lst.cfg.auth_failure_limit:
+        if blocked:
+            lst.maillog.warning("smtpd", f"{self.client}: blocked for "
+                                f"{lst.cfg.auth_block_time:.0f}s after repeated AUTH failures")
+        if blocked or self.auth_failures >= lst.cfg.auth_failure_limit:
             self.shutdown(Reply.of(421, "4.7.0", "Error: too many authentication failures"))
 
     async def _start_tls(self) -> None:

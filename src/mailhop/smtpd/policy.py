@@ -8,6 +8,7 @@ from being an open relay live in one short file.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections import Counter
 
 from ..config import IPNetwork, ListenConfig
@@ -36,6 +37,28 @@ class AccessPolicy:
         self.cfg = cfg
         self.per_ip: Counter[str] = Counter()
         self.total = 0
+        self.auth_failures: dict[str, list[float]] = {}
+
+    def auth_failed(self, addr: str) -> bool:
+        """Count an AUTH failure; True once ``addr`` is blocked (brute force)."""
+        now = time.monotonic()
+        recent = [t for t in self.auth_failures.get(addr, []) if now - t <
+                  self.cfg.auth_block_time]
+        recent.append(now)
+        self.auth_failures[addr] = recent
+        if len(self.auth_failures) > 10000:  # bounded memory under a distributed attack
+            self.auth_failures.pop(next(iter(self.auth_failures)))
+        return len(recent) >= self.cfg.auth_ip_failure_limit
+
+    def auth_blocked(self, addr: str) -> bool:
+        recent = self.auth_failures.get(addr)
+        if not recent:
+            return False
+        now = time.monotonic()
+        live = [t for t in recent if now - t < self.cfg.auth_block_time]
+        if len(live) != len(recent):
+            self.auth_failures[addr] = live
+        return len(live) >= self.cfg.auth_ip_failure_limit
 
     def trusted(self, addr: str) -> bool:
         return in_networks(addr, self.cfg.networks)
@@ -46,6 +69,9 @@ class AccessPolicy:
             return Reply.of(421, "4.7.0", "Error: too many connections; try again later")
         if not trusted and self.per_ip[addr] >= self.cfg.max_connections_per_ip:
             return Reply.of(421, "4.7.0", f"Error: too many connections from {addr}")
+        if not trusted and self.auth_blocked(addr):
+            return Reply.of(421, "4.7.0", f"Error: too many authentication failures from "
+                            f"{addr}; try again later")
         self.total += 1
         self.per_ip[addr] += 1
         return None
