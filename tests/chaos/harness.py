@@ -36,6 +36,7 @@ class CountingSink:
 
     def __init__(self, directory: Path) -> None:
         self.port = free_port()
+        directory.mkdir(parents=True, exist_ok=True)
         self.file = directory / "sink-tokens"
         self.file.touch()
         self.proc: subprocess.Popen[bytes] | None = None

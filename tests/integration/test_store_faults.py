@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import IN_CI, MailhopNode
+from support import IN_CI, MailhopNode, PostfixInstance, mailhop, wait_for
 
 from mailhop.config import ListenConfig, LogConfig
 from mailhop.observe.maillog import MailLog
@@ -70,15 +70,30 @@ def test_disk_full_gives_452_and_recovers(small_fs: Path, tmp_path: Path) -> Non
         node.stop()
 
 
-def test_min_free_refuses_at_mail(small_fs: Path, tmp_path: Path) -> None:
-    node = MailhopNode(tmp_path / "node", spool=small_fs / "spool", min_free="2M").start()
+def test_nearly_full_disk_refuses_new_mail_and_drains_old(small_fs: Path,
+                                                          tmp_path: Path) -> None:
+    final = PostfixInstance(tmp_path / "final").final_hop()
+    node = MailhopNode(tmp_path / "node", spool=small_fs / "spool", min_free="2M",
+                       relay=f"[127.0.0.1]:{final.port}",
+                       queue='min_backoff = "1h"\nmax_backoff = "2h"\n').start()
     try:
-        fill(small_fs, leave=1 << 20)
+        for _ in range(3):  # queued while the next hop is down
+            assert send(node, b"Subject: waiting\r\n\r\nx\r\n")[0] == 250
+        wait_for(lambda: node.log().count("status=deferred") >= 3, timeout=20)
+        filler = fill(small_fs, leave=1 << 20)
         time.sleep(1.2)  # the free-space check is cached for a second
         code, text = send(node)
-        assert (code, text[:5]) == (452, b"4.3.1")
+        assert (code, text[:5]) == (452, b"4.3.1")  # new mail: try later, never 250
+        final.start()
+        assert mailhop("queue", "flush", "--spool", str(node.spool)).returncode == 0
+        wait_for(lambda: len(final.delivered()) == 3, timeout=30, what="the old mail drains")
+        wait_for(lambda: node.queue() == [], timeout=10, what="an empty queue")
+        filler.unlink()
+        time.sleep(1.2)
+        assert send(node, b"Subject: space again\r\n\r\ny\r\n")[0] == 250
     finally:
         node.stop()
+        final.stop()
 
 
 async def test_broken_store_gives_451(tmp_path: Path) -> None:
