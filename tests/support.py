@@ -191,6 +191,23 @@ class MailhopNode:
         return self.maillog.read_text() if self.maillog.exists() else ""
 
 
+def auth_node(directory: Path, user: str, password: str, *, auth: str = "optional",
+              names: tuple[str, ...] = (), listen: str = "", **node_args) -> MailhopNode:
+    """A started node offering STARTTLS (trustme certificate for ``names``) and AUTH for
+    one user; the node's ``certs`` attribute has the CA for clients."""
+    certs = make_certs(directory / "certs", *names)
+    users = directory / "users"
+    assert mailhop("passwd", str(users), user, "--password-stdin",
+                   stdin=password + "\n").returncode == 0
+    node = MailhopNode(directory / "node", listen=f"""\
+        auth = "{auth}"
+        users = "{users}"
+        tls = {{ cert = "{certs.cert}", key = "{certs.key}" }}
+        """ + textwrap.dedent(listen), **node_args)
+    node.certs = certs  # type: ignore[attr-defined]
+    return node.start()
+
+
 class PostfixInstance:
     """A private Postfix instance (own config, queue and maillog) on loopback."""
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import MailhopNode, mailhop, make_certs, wait_for
+from support import MailhopNode, auth_node, mailhop, make_certs, wait_for
 
 MSG = (b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\nMessage-ID: <m1@test>\r\n"
        b"\r\nhello\r\n")
@@ -26,16 +26,7 @@ def node(tmp_path: Path):
 
 @pytest.fixture
 def tls_node(tmp_path: Path):
-    certs = make_certs(tmp_path / "certs")
-    users = tmp_path / "users"
-    assert mailhop("passwd", str(users), "app", "--password-stdin",
-                   stdin="s3cret-pw\n").returncode == 0
-    n = MailhopNode(tmp_path / "node", networks=("127.0.0.1/32",), listen=f"""\
-        auth = "optional"
-        users = "{users}"
-        tls = {{ cert = "{certs.cert}", key = "{certs.key}" }}
-        """).start()
-    n.certs = certs  # type: ignore[attr-defined]
+    n = auth_node(tmp_path, "app", "s3cret-pw", networks=("127.0.0.1/32",))
     yield n
     n.stop()
 
@@ -280,17 +271,9 @@ def test_second_node_on_same_spool_refused(node: MailhopNode) -> None:
 
 
 def test_auth_brute_force_is_slowed_then_blocked_per_address(tmp_path: Path) -> None:
-    certs = make_certs(tmp_path / "certs")
-    users = tmp_path / "users"
-    mailhop("passwd", str(users), "app", "--password-stdin", stdin="right\n")
-    n = MailhopNode(tmp_path / "n", networks=("127.0.0.1/32",), listen=f"""\
-        auth = "optional"
-        users = "{users}"
-        tls = {{ cert = "{certs.cert}", key = "{certs.key}" }}
-        auth_failure_limit = 2
-        auth_ip_failure_limit = 4
-        """).start()
-    ctx = ssl.create_default_context(cafile=str(certs.ca))
+    n = auth_node(tmp_path, "app", "right", networks=("127.0.0.1/32",),
+                  listen="auth_failure_limit = 2\nauth_ip_failure_limit = 4\n")
+    ctx = client_ctx(n)
     try:
         for _ in range(2):  # two sessions of two failures each: the address is blocked
             s = smtplib.SMTP(n.host, n.port, source_address=("127.0.0.3", 0))

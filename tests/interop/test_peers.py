@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import MailhopNode, PostfixInstance, mailhop, make_certs, require_peer
+from support import MailhopNode, PostfixInstance, auth_node, require_peer
 
 pytestmark = pytest.mark.interop
 
@@ -51,14 +51,7 @@ def test_swaks_plain_and_pipelined(tmp_path: Path) -> None:
 
 
 def test_swaks_starttls_and_auth(tmp_path: Path) -> None:
-    certs = make_certs(tmp_path / "certs")
-    users = tmp_path / "users"
-    mailhop("passwd", str(users), "app", "--password-stdin", stdin="pw-123\n")
-    node = MailhopNode(tmp_path / "mailhop", networks=("127.0.0.1/32",), listen=f"""\
-        auth = "optional"
-        users = "{users}"
-        tls = {{ cert = "{certs.cert}", key = "{certs.key}" }}
-        """).start()
+    node = auth_node(tmp_path, "app", "pw-123", networks=("127.0.0.1/32",))
     try:
         base = ["--server", f"127.0.0.1:{node.port}", "--from", "a@example.org",
                 "--to", "b@example.com", "--local-interface", "127.0.0.2"]

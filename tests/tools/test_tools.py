@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import MailhopNode, mailhop, make_certs, wait_for
+from support import MailhopNode, auth_node, mailhop, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "Pr0be-Secret"
@@ -54,15 +54,9 @@ def test_readme_main_command_runs_the_demo(tmp_path: Path) -> None:
 
 @pytest.fixture
 def smarthost(tmp_path: Path):
-    certs = make_certs(tmp_path / "certs", "smtp.probe.test")
-    users = tmp_path / "users"
-    mailhop("passwd", str(users), "probe-user", "--password-stdin", stdin=PASSWORD + "\n")
-    node = MailhopNode(tmp_path / "smarthost", networks=(), relay=None, listen=f"""\
-        auth = "required"
-        users = "{users}"
-        tls = {{ cert = "{certs.cert}", key = "{certs.key}" }}
-        """, extra="[queue]\nhold_delivery = true\n").start()
-    node.certs = certs  # type: ignore[attr-defined]
+    node = auth_node(tmp_path / "smarthost", "probe-user", PASSWORD, auth="required",
+                     names=("smtp.probe.test",), networks=(), relay=None,
+                     extra="[queue]\nhold_delivery = true\n")
     yield node
     node.stop()
 
