@@ -403,6 +403,26 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
+def cmd_import_postfix(args: argparse.Namespace) -> int:
+    from .tools.import_postfix import convert
+
+    directory = Path(args.directory)
+    if not (directory / "main.cf").exists():
+        raise CLIError(f"{directory}: no main.cf here", EXIT_USAGE)
+    try:
+        result = convert(directory)
+    except (OSError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    if args.output:
+        Path(args.output).write_text(result.toml)
+        print(f"wrote {args.output}; check it with: mailhop check-config -c {args.output}")
+    else:
+        sys.stdout.write(result.toml)
+    for warning in result.warnings:
+        print(f"mailhop: note: {warning}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .tools.demo import run
 
@@ -463,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per step")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("import-postfix", help="print a mailhop config equivalent to a Postfix "
+                       "relay's main.cf/master.cf/sasl_passwd")
+    p.add_argument("directory", help="the Postfix config directory, e.g. /etc/postfix")
+    p.add_argument("-o", "--output", help="write the TOML here instead of stdout")
+    p.set_defaults(func=cmd_import_postfix)
 
     p = sub.add_parser("serve", help="run a node")
     p.add_argument("-c", "--config", required=True, help="node config (TOML)")
