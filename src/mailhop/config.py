@@ -278,6 +278,7 @@ class Config:
     nexthops: dict[str, NextHopConfig] = field(default_factory=dict)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     hosts_file: Path | None = None  # [resolver] hosts: static answers, like /etc/hosts
+    metrics: tuple[str, int] | None = None  # [metrics] address: /metrics and /healthz
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -321,8 +322,17 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     resolver = top.table("resolver")
     hosts_file = resolver.path("hosts", None)
     resolver.done()
+    metrics = None
+    mt = top.table("metrics")
+    if "address" in mt.data:
+        try:
+            metrics = parse_hostport(mt.get("address", str))
+        except ValueError as exc:
+            raise mt.error("address", str(exc)) from None
+    mt.done()
     top.done()
-    return Config(file, node, listeners, log, queue, relay, nexthops, delivery, hosts_file)
+    return Config(file, node, listeners, log, queue, relay, nexthops, delivery, hosts_file,
+                  metrics)
 
 
 def _node(t: _Table) -> NodeConfig:

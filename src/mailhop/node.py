@@ -17,11 +17,13 @@ from . import __version__, control
 from .config import Config, ConfigError, load
 from .delivery.credentials import CredentialsError
 from .delivery.scheduler import Scheduler
+from .observe import metrics as metrics_http
 from .observe.maillog import MailLog
+from .observe.metrics import Metrics
 from .smtpd.auth import UserFileError
 from .smtpd.listener import Listener
 from .spool import ops
-from .spool.store import Spool
+from .spool.store import Spool, StoreError
 
 DRAIN_SECONDS = 30.0
 
@@ -44,18 +46,25 @@ class Node:
         self.listeners: list[Listener] = []
         self.scheduler: Scheduler | None = None
         self.control: asyncio.AbstractServer | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_server: asyncio.AbstractServer | None = None
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
         notes = await asyncio.to_thread(self.spool.open)
         for note in notes:
             self.maillog.emit("master", f"spool recovery: {note}")
-        self.scheduler = Scheduler(self.cfg, self.spool, self.maillog)
+        if self.cfg.metrics is not None:
+            self.metrics = Metrics(self.spool.db_path)
+            self.spool.on_commit = self.metrics.commit.observe
+            host, port = self.cfg.metrics
+            self.metrics_server = await metrics_http.serve(host, port, self.metrics, self.health)
+        self.scheduler = Scheduler(self.cfg, self.spool, self.maillog, metrics=self.metrics)
         self.scheduler.start()
         self.control = await control.serve(self.cfg.node.spool, self._control)
         for lcfg in self.cfg.listeners:
             listener = Listener(lcfg, self.cfg.node.hostname, self.spool, self.maillog,
-                                on_queued=self.scheduler.submit_new)
+                                on_queued=self.scheduler.submit_new, metrics=self.metrics)
             await listener.start()
             self.listeners.append(listener)
         where = ", ".join(lst.cfg.name for lst in self.listeners)
@@ -69,11 +78,31 @@ class Node:
         await asyncio.gather(*(lst.drain(DRAIN_SECONDS) for lst in self.listeners))
         if self.control is not None:
             self.control.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.scheduler is not None:
             await self.scheduler.stop()
         await asyncio.to_thread(self.spool.close)
         self.maillog.emit("master", "terminating on signal")
         self.maillog.close()
+
+    async def health(self) -> list[str]:
+        """What /healthz reports: empty when the node can take and pass on mail."""
+        problems = []
+        try:
+            await asyncio.wait_for(self.spool.write(lambda db: None), 5)
+        except (TimeoutError, StoreError) as exc:
+            problems.append(f"spool not writable: {exc or 'commit timed out'}")
+        try:
+            if self.spool.free_bytes() < self.spool.min_free:
+                problems.append("spool disk below min_free: new mail is refused (452)")
+        except OSError as exc:
+            problems.append(f"spool: {exc}")
+        if not any(lst.accepting for lst in self.listeners):
+            problems.append("not accepting connections (shutting down)")
+        if self.scheduler is not None:
+            problems += self.scheduler.health()
+        return problems
 
     async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
         """Queue control from ``mailhop queue ...`` (see :mod:`mailhop.control`)."""
@@ -127,7 +156,7 @@ class Node:
             else:
                 assert self.scheduler is not None
                 listener = Listener(lcfg, cfg.node.hostname, self.spool, self.maillog,
-                                    on_queued=self.scheduler.submit_new)
+                                    on_queued=self.scheduler.submit_new, metrics=self.metrics)
                 await listener.start()
             kept.append(listener)
         for listener in old.values():  # removed: stop accepting, let sessions finish

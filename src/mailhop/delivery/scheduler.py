@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from ..config import DIRECT, Config, NextHopConfig
 from ..observe.maillog import MailLog
+from ..observe.metrics import Metrics
 from ..protocol.replies import Reply
 from ..spool.model import Envelope, RcptState, Recipient
 from ..spool.store import RecipientUpdate, Spool, StoreError
@@ -91,8 +92,9 @@ class Destination:
 
 class Scheduler:
     def __init__(self, cfg: Config, spool: Spool, maillog: MailLog,
-                 resolver: Resolver | None = None) -> None:
+                 resolver: Resolver | None = None, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
+        self.metrics = metrics
         self.spool = spool
         self.log = maillog
         self.router = Router(cfg.relay)
@@ -337,6 +339,8 @@ class Scheduler:
         "delivery temporarily suspended") instead of trying every message in turn."""
         delay = min(self.cfg.queue.min_backoff, 60.0)
         dest.suspended_until = time.monotonic() + delay
+        if self.metrics is not None:
+            self.metrics.hop_up.labels(dest.hop.name).set(0)
         text = " ".join(reply.lines)
         if not text.startswith("delivery temporarily suspended"):
             text = f"delivery temporarily suspended: {text}"
@@ -394,6 +398,13 @@ class Scheduler:
             if failure is not None:
                 failures.append(failure)
             expired |= status == "deferred" and update.state is RcptState.BOUNCED
+            if self.metrics is not None:
+                hop = job.destination.hop.name
+                self.metrics.deliveries.labels(hop, update.state.value).inc()
+                if update.state is not RcptState.DEFERRED:
+                    self.metrics.delay.labels(hop).observe(total)
+                if status == "sent":
+                    self.metrics.hop_up.labels(hop).set(1)
             self.log.emit(  # an expired recipient logs this attempt as deferred, like Postfix
                 "smtp", f"to=<{rcpt.address}>, relay={relay}, delay={fmt_delay(total)}, "
                 f"delays={delays}, dsn={dsn}, status={status} ({text})", message.queue_id,
@@ -434,6 +445,8 @@ class Scheduler:
             self._job_done(job)
             return
         if bounce is not None and bounce_id is not None:
+            if self.metrics is not None:
+                self.metrics.bounces.inc()
             self.log.emit("bounce", f"sender non-delivery notification: {bounce_id}",
                           message.queue_id)
             _, env, data = bounce
@@ -449,6 +462,17 @@ class Scheduler:
         message.jobs_left -= 1
         if message.jobs_left <= 0 and self.messages.get(message.queue_id) is message:
             del self.messages[message.queue_id]
+
+    def health(self) -> list[str]:
+        """Problems for /healthz: every next hop in use is suspended (no working path)."""
+        used = list(self.destinations.values())
+        now = time.monotonic()
+        down = [d for d in used if d.suspended_until > now]
+        if used and len(down) == len(used):
+            return ["no usable next hop: " + "; ".join(
+                f"{d.hop.name}: {' '.join(d.suspend_reply.lines) if d.suspend_reply else '?'}"
+                for d in down)]
+        return []
 
     # -- control --------------------------------------------------------------
     def cancel(self, queue_ids: list[str]) -> None:

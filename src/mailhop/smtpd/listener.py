@@ -20,6 +20,7 @@ from email.utils import formatdate
 
 from ..config import ListenConfig
 from ..observe.maillog import MailLog
+from ..observe.metrics import Metrics
 from ..protocol import (
     CLOSED,
     NEED_DATA,
@@ -82,12 +83,13 @@ class Listener:
 
     def __init__(self, cfg: ListenConfig, hostname: str, spool: Spool, maillog: MailLog,
                  on_queued: Callable[[str, Envelope, bytes, float], None] | None = None,
-                 ) -> None:
+                 metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.hostname = hostname
         self.spool = spool
         self.maillog = maillog
         self.on_queued = on_queued
+        self.metrics = metrics
         self.configure(cfg)
         self.sessions: set[Session] = set()
         self.server: asyncio.base_events.Server | None = None
@@ -226,6 +228,8 @@ class Session(asyncio.Protocol):
         lst.maillog.emit("smtpd", f"connect from {self.client}")
         refusal = R_SHUTDOWN if not lst.accepting else lst.policy.admit(self.addr, self.trusted)
         if refusal is not None:
+            if lst.metrics is not None:
+                lst.metrics.refused_connections.labels(lst.cfg.name).inc()
             lst.maillog.emit("smtpd", f"warning: {refusal.text} for {self.client}")
             self.conn.refuse(refusal)
             transport.write(self.conn.data_to_send())
@@ -233,6 +237,9 @@ class Session(asyncio.Protocol):
             return
         self._admitted = True
         lst.sessions.add(self)
+        if lst.metrics is not None:
+            lst.metrics.connections.labels(lst.cfg.name).inc()
+            lst.metrics.active.labels(lst.cfg.name).inc()
         self.conn.greet()
         transport.write(self.conn.data_to_send())
 
@@ -242,6 +249,8 @@ class Session(asyncio.Protocol):
             self._admitted = False
             lst.policy.release(self.addr)
             lst.sessions.discard(self)
+            if lst.metrics is not None:
+                lst.metrics.active.labels(lst.cfg.name).dec()
         summary = " ".join(f"{k}={v}" for k, v in self.counts.items())
         total = sum(self.counts.values())
         lst.maillog.emit("smtpd", f"disconnect from {self.client}"
@@ -382,6 +391,8 @@ class Session(asyncio.Protocol):
             conn.reject(reply)
             return
         conn.accept(f"Ok: queued as {queue_id}")
+        if lst.metrics is not None:
+            lst.metrics.received.labels(lst.cfg.name).inc()
         log = lst.maillog
         auth = (f", sasl_method={self.last_auth_mech}, sasl_username={conn.authenticated}"
                 if conn.authenticated else "")
@@ -454,6 +465,8 @@ class Session(asyncio.Protocol):
         sender = conn.sender if sender is None else sender
         proto = "ESMTP" if conn.esmtp else "SMTP"
         to = f" to=<{rcpt}>" if rcpt is not None else ""
+        if self.listener.metrics is not None:
+            self.listener.metrics.rejected.labels(self.listener.cfg.name, stage).inc()
         self.listener.maillog.emit(
             "smtpd", f"NOQUEUE: reject: {stage} from {self.client}: {reply.text}; "
             f"from=<{sender or ''}>{to} proto={proto} helo=<{conn.helo or ''}>")

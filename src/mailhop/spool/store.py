@@ -170,6 +170,7 @@ class Spool:
         self.commit_seconds = 0.0
         self.commits = 0
         self.min_free = 0
+        self.on_commit: Callable[[float], None] | None = None  # e.g. a metrics histogram
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-reader")
         self._read_db: sqlite3.Connection | None = None
 
@@ -283,8 +284,11 @@ class Spool:
                     self._commit(db, [job])
                 return
             batch[0].error = _classify(exc)
-        self.commit_seconds += time.monotonic() - started
+        elapsed = time.monotonic() - started
+        self.commit_seconds += elapsed
         self.commits += 1
+        if self.on_commit is not None:
+            self.on_commit(elapsed)
         by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         for job in batch:
             by_loop.setdefault(job.loop, []).append(job)
