@@ -423,6 +423,33 @@ def cmd_import_postfix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import control
+
+    spool = _spool_dir(args)
+    try:
+        reply = control.request(spool, {"action": "status"})
+    except OSError:
+        raise CLIError(f"no node is running on {spool}") from None
+    if not reply.get("ok"):
+        raise CLIError(f"node refused: {reply.get('error')}")
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    print(f"node {reply['node']}: " + ("healthy" if not reply["health"] else
+                                       "UNHEALTHY: " + "; ".join(reply["health"])))
+    queue = reply["queue"]
+    print("queue: " + ", ".join(f"{k} {queue.get(k, 0)}" for k in ("queued", "deferred")))
+    print(f"{'hop':<12} {'state':<10} {'target':<42} {'rate':>12} {'queued':>7} {'conns':>5}"
+          "  last error")
+    for name, h in reply["hops"].items():
+        rate = ("-" if h["max_rate"] is None else
+                f"{h['current_rate']:.3g}/{h['max_rate']:.3g}/s")
+        print(f"{name:<12} {h['state']:<10} {h['target']:<42} {rate:>12} {h['queued_jobs']:>7} "
+              f"{h['connections']:>5}  {h['last_error'][:80]}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .tools.demo import run
 
@@ -529,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--spool", help="spool directory (instead of -c)")
         p.add_argument("ids", nargs="*", metavar="ID")
         p.set_defaults(func=cmd_queue_control)
+
+    p = sub.add_parser("status", help="a running node's next hops: state, last error, pace, "
+                       "queue")
+    p.add_argument("-c", "--config")
+    p.add_argument("--spool", help="spool directory (instead of -c)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("route", help="show which next hop a recipient would take, and why")
     p.add_argument("-c", "--config", required=True)

@@ -232,6 +232,11 @@ class NextHopConfig:
     max_connections: int = 10
     max_recipients: int = 50  # per transaction (Postfix smtp_destination_recipient_limit)
     source_address: str | None = None
+    max_rate: float | None = None  # messages per second (from "14/s", "50000/d", ...)
+    throttle_replies: tuple[str, ...] = ("Throttling", "Maximum sending rate")
+    fallback: tuple[str, ...] = ()  # next hops to use while this one is down
+    failure_threshold: int = 3  # consecutive connection failures that mark the hop down
+    probe_interval: float = 30.0  # how often a down hop is tried again
 
     @property
     def label(self) -> str:
@@ -317,6 +322,11 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     hops_table.used.update(hops_table.data)
     hops_table.done()
     nexthops.setdefault(DIRECT, NextHopConfig(DIRECT, ""))
+    for name, hop in nexthops.items():
+        for j, other in enumerate(hop.fallback):
+            if other not in nexthops or other == name:
+                raise ConfigError(file, f"nexthop.{name}.fallback[{j}]",
+                                  f"no other [nexthop.{other}] is defined")
     relay = _relay(top, nexthops)
     delivery = _delivery(top.table("delivery"))
     resolver = top.table("resolver")
@@ -434,9 +444,29 @@ def _nexthop(t: _Table, name: str) -> NextHopConfig:
         credentials=credentials, allow_plaintext_auth=allow_plain,
         max_connections=t.positive_int("max_connections", 10),
         max_recipients=t.positive_int("max_recipients", 50), source_address=source,
+        max_rate=_rate(t, "max_rate"),
+        throttle_replies=tuple(_strings(t, "throttle_replies"))
+        or ("Throttling", "Maximum sending rate"),
+        fallback=tuple(_strings(t, "fallback")),
+        failure_threshold=t.positive_int("failure_threshold", 3),
+        probe_interval=t.duration("probe_interval", "30s"),
     )
     t.done()
     return cfg
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|d)\s*$")
+
+
+def _rate(t: _Table, name: str) -> float | None:
+    """``"14/s"`` or ``"50000/d"`` as messages per second."""
+    text = t.get(name, str, None)
+    if text is None:
+        return None
+    m = _RATE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise t.error(name, f"is not a rate like '14/s' or '50000/d': {text!r}")
+    return float(m.group(1)) / {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 def _is_ipv6(text: str) -> bool:

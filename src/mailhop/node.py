@@ -110,6 +110,9 @@ class Node:
         ids = [str(i) for i in request.get("ids", [ops.ALL])]
         scheduler = self.scheduler
         assert scheduler is not None
+        if action == "status":
+            return {"ok": True, "node": self.cfg.node.name, "hops": scheduler.status(),
+                    "queue": await self.spool.stats(), "health": await self.health()}
         if action == "delete":
             body_dir = self.spool.body_dir
             done = await self.spool.write(lambda db: ops.delete(db, ids, body_dir))

@@ -34,7 +34,8 @@ SINK = Path(__file__).with_name("sink.py")
 class CountingSink:
     """``sink.py`` as a subprocess; :meth:`tokens` counts what arrived."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_rate: float = 0.0) -> None:
+        self.max_rate = max_rate
         self.port = free_port()
         directory.mkdir(parents=True, exist_ok=True)
         self.file = directory / "sink-tokens"
@@ -43,7 +44,7 @@ class CountingSink:
 
     def start(self) -> CountingSink:
         self.proc = subprocess.Popen([sys.executable, str(SINK), str(self.port),
-                                      str(self.file)])
+                                      str(self.file), str(self.max_rate)])
         wait_port("127.0.0.1", self.port)
         return self
 

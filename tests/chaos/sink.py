@@ -1,6 +1,6 @@
 """A counting SMTP sink: accepts everything and records each message's token.
 
-Run as a process (``python tests/chaos/sink.py PORT TOKENS_FILE``) so it
+Run as a process (``python tests/chaos/sink.py PORT TOKENS_FILE [MAX_RATE]``) so it
 never competes with the test for the GIL.  Built on mailhop's own server
 engine; the token is the ``X-Mailhop-Token`` header the load generator
 puts in every message.  Tokens are appended to a file, one per line, so a
@@ -10,9 +10,11 @@ test can count what arrived (and how often) at any time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import signal
 import sys
+import time
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "src"))
 
@@ -20,10 +22,17 @@ from mailhop.protocol import (
     CLOSED,
     NEED_DATA,
     PAUSED,
+    MailFrom,
     MessageReceived,
+    Reply,
     ServerConfig,
     ServerConnection,
 )
+
+# With MAX_RATE, MAIL beyond that many per second gets SES's throttling reply.
+THROTTLE = Reply.of(454, "4.7.0", "Throttling failure: Maximum sending rate exceeded.")
+MAX_RATE = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+RECENT: collections.deque[float] = collections.deque()
 
 TOKEN = re.compile(rb"(?im)^X-Mailhop-Token:[ \t]*(\S+)")
 CONFIG = ServerConfig(hostname="sink.test", max_message_size=50 * 1024 * 1024)
@@ -50,7 +59,16 @@ class Sink(asyncio.Protocol):
                 self.transport.write(conn.data_to_send())  # type: ignore[attr-defined]
                 self.transport.close()
                 return
-            if isinstance(event, MessageReceived):
+            if isinstance(event, MailFrom) and MAX_RATE:
+                now = time.monotonic()
+                while RECENT and now - RECENT[0] > 1.0:
+                    RECENT.popleft()
+                if len(RECENT) >= MAX_RATE:
+                    conn.reject(THROTTLE)
+                    continue
+                RECENT.append(now)
+                conn.accept()
+            elif isinstance(event, MessageReceived):
                 match = TOKEN.search(event.data)
                 token = match.group(1).decode() if match else "-"
                 Sink.out.write(f"{token}\n")

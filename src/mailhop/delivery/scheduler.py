@@ -50,6 +50,59 @@ def fmt_delay(seconds: float) -> str:
     return str(round(seconds))
 
 
+class TokenBucket:
+    """Paces a next hop to its provider's sending quota (``max_rate``).
+
+    No burst: one message every 1/rate seconds, because providers such as SES
+    count a sliding second.  A throttling reply halves the pace for a minute.
+    """
+
+    SLOW_FOR = 60.0
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = 1.0
+        self.updated = time.monotonic()
+        self.factor = 1.0
+        self.slow_until = 0.0
+        self.waited = 0.0
+
+    @property
+    def current(self) -> float:
+        return self.rate * self.factor
+
+    async def acquire(self) -> float:
+        waited = 0.0
+        while True:
+            now = time.monotonic()
+            if self.factor != 1.0 and now >= self.slow_until:
+                self.factor = 1.0
+            self.tokens = min(1.0, self.tokens + (now - self.updated) * self.current)
+            self.updated = now
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                self.waited += waited
+                return waited
+            delay = (1.0 - self.tokens) / self.current
+            await asyncio.sleep(delay)
+            waited += delay
+
+    def slow_down(self) -> None:
+        self.factor = max(0.125, self.factor / 2)
+        self.slow_until = time.monotonic() + self.SLOW_FOR
+
+
+@dataclass
+class HopHealth:
+    """Circuit breaker state of one next hop."""
+
+    failures: int = 0
+    down: bool = False
+    since: float = 0.0
+    last_error: str = ""
+    prober: asyncio.Task[None] | None = None
+
+
 @dataclass
 class Message:
     """A message the scheduler is working on (its pending jobs and its bytes)."""
@@ -109,6 +162,9 @@ class Scheduler:
         self._scanner: asyncio.Task[None] | None = None
         self._stopping = False
         self.credentials = self.load_credentials(cfg)
+        self.hop_health: dict[str, HopHealth] = {name: HopHealth() for name in cfg.nexthops}
+        self.buckets: dict[str, TokenBucket] = {
+            name: TokenBucket(hop.max_rate) for name, hop in cfg.nexthops.items() if hop.max_rate}
 
     @staticmethod
     def load_credentials(cfg: Config) -> dict[str, Credentials]:
@@ -123,6 +179,13 @@ class Scheduler:
         self.resolver = Resolver(cfg.hosts_file)
         self.helo = cfg.delivery.helo_name or cfg.node.hostname
         self.credentials = credentials
+        for name, hop in cfg.nexthops.items():
+            self.hop_health.setdefault(name, HopHealth())
+            bucket = self.buckets.get(name)
+            if hop.max_rate and (bucket is None or bucket.rate != hop.max_rate):
+                self.buckets[name] = TokenBucket(hop.max_rate)
+            elif not hop.max_rate:
+                self.buckets.pop(name, None)
         for (name, _), dest in list(self.destinations.items()):
             hop = cfg.nexthops.get(name)
             if hop is not None:
@@ -146,6 +209,9 @@ class Scheduler:
             dest.wake.set()
         if self._scanner is not None:
             self._scanner.cancel()
+        for health in self.hop_health.values():
+            if health.prober is not None:
+                health.prober.cancel()
         deadline = time.monotonic() + grace
         while self._tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -184,7 +250,8 @@ class Scheduler:
         self.messages[message.queue_id] = message
         groups: dict[tuple[str, str], list[Recipient]] = {}
         for rcpt in recipients:
-            hop = self.cfg.nexthops[self.router.route(rcpt.address, message.sender).hop]
+            hop = self.cfg.nexthops[self.usable(self.router.route(rcpt.address,
+                                                                  message.sender).hop)]
             domain = rcpt.address.rpartition("@")[2].lower() if hop.name == DIRECT else ""
             groups.setdefault((hop.name, domain), []).append(rcpt)
         jobs = []
@@ -196,6 +263,19 @@ class Scheduler:
         message.jobs_left = len(jobs)
         for job in jobs:
             self._enqueue(job)
+
+    def usable(self, name: str, seen: tuple[str, ...] = ()) -> str:
+        """``name``, or while it is down the first of its fallbacks that is not."""
+        health = self.hop_health.get(name)
+        if health is None or not health.down:
+            return name
+        for other in self.cfg.nexthops[name].fallback:
+            if other in seen:
+                continue
+            chosen = self.usable(other, (*seen, name))
+            if not self.hop_health[chosen].down:
+                return chosen
+        return name  # everything is down: stay, and defer
 
     def _destination(self, hop: NextHopConfig, domain: str) -> Destination:
         key = (hop.name, domain)
@@ -290,10 +370,14 @@ class Scheduler:
                                              self.memory, self.helo, dest.domain,
                                              dest.credentials)
             except DeliveryError as exc:
+                if not exc.reply.is_permanent and self._hop_failed(dest, exc.reply):
+                    self._reroute(dest, job)  # down, and a fallback can take the mail
+                    return None
                 self._fail(job, exc.reply, exc.relay, started, time.monotonic() - started)
                 if not exc.reply.is_permanent:
                     self._suspend(dest, exc.reply)
                 return None
+            self.hop_health[dest.hop.name].failures = 0
             setup = conn.setup_seconds
             fresh = True
         else:
@@ -306,6 +390,11 @@ class Scheduler:
         if problem is not None:
             self._fail(job, problem, conn.relay, started, setup)
             return conn
+        bucket = self.buckets.get(dest.hop.name)
+        if bucket is not None:
+            waited = await bucket.acquire()  # the mail waits in the queue, never refused
+            if self.metrics is not None and waited:
+                self.metrics.rate_wait.labels(dest.hop.name).inc(waited)
         try:
             tx = await conn.send(message.sender, message.sender_params, addresses, message.data)
         except DeliveryError as exc:
@@ -333,6 +422,55 @@ class Scheduler:
             return Reply.of(552, "5.3.4", f"message size {len(message.data)} exceeds size "
                             f"limit {caps.size} of server {conn.relay}")
         return None
+
+    def _hop_failed(self, dest: Destination, reply: Reply) -> bool:
+        """Count a failed connection; True if the hop is down and a fallback is usable."""
+        hop = dest.hop
+        health = self.hop_health[hop.name]
+        health.failures += 1
+        health.last_error = " ".join(reply.lines)
+        if not health.down and health.failures >= hop.failure_threshold and hop.host:
+            health.down, health.since = True, time.monotonic()
+            self.log.emit("qmgr", f"warning: next hop {hop.name} is down after "
+                          f"{health.failures} failed connection(s): {health.last_error}")
+            if self.metrics is not None:
+                self.metrics.hop_up.labels(hop.name).set(0)
+            health.prober = asyncio.ensure_future(self._probe(hop))
+        return health.down and self.usable(hop.name) != hop.name
+
+    def _reroute(self, dest: Destination, job: Job) -> None:
+        """Hand a down hop's queued jobs to its fallback (job IDs and bytes unchanged)."""
+        target = self.cfg.nexthops[self.usable(dest.hop.name)]
+        jobs = [job, *dest.jobs]
+        dest.jobs.clear()
+        for moved in jobs:
+            moved.destination = self._destination(target, dest.domain)
+            self._enqueue(moved)
+        self.log.emit("qmgr", f"next hop {dest.hop.name} is down: {len(jobs)} job(s) go to "
+                      f"fallback {target.name}")
+
+    async def _probe(self, hop: NextHopConfig) -> None:
+        """Try a down hop now and then; when it answers, traffic returns to it."""
+        health = self.hop_health[hop.name]
+        while not self._stopping:
+            await asyncio.sleep(hop.probe_interval)
+            try:
+                conn = await open_connection(hop, self.cfg.delivery, self.resolver, self.memory,
+                                             self.helo, "", self.credentials.get(hop.name))
+            except DeliveryError as exc:
+                health.last_error = " ".join(exc.reply.lines)
+                continue
+            conn.close()
+            health.down, health.failures = False, 0
+            self.log.emit("qmgr", f"next hop {hop.name} is up again after "
+                          f"{time.monotonic() - health.since:.0f}s; traffic returns to it")
+            if self.metrics is not None:
+                self.metrics.hop_up.labels(hop.name).set(1)
+            for dest in self.destinations.values():
+                if dest.hop.name == hop.name:
+                    dest.suspended_until = 0.0
+            self.wake()
+            return
 
     def _suspend(self, dest: Destination, reply: Reply) -> None:
         """After a failed connection, defer the destination's queue at once (Postfix
@@ -398,6 +536,9 @@ class Scheduler:
             if failure is not None:
                 failures.append(failure)
             expired |= status == "deferred" and update.state is RcptState.BOUNCED
+            if status == "deferred" and any(p in text for p in
+                                            job.destination.hop.throttle_replies):
+                self._throttled(job.destination.hop, text)
             if self.metrics is not None:
                 hop = job.destination.hop.name
                 self.metrics.deliveries.labels(hop, update.state.value).inc()
@@ -462,6 +603,36 @@ class Scheduler:
         message.jobs_left -= 1
         if message.jobs_left <= 0 and self.messages.get(message.queue_id) is message:
             del self.messages[message.queue_id]
+
+    def _throttled(self, hop: NextHopConfig, text: str) -> None:
+        bucket = self.buckets.get(hop.name)
+        if bucket is None:
+            return
+        if bucket.factor == 1.0 or time.monotonic() > bucket.slow_until - bucket.SLOW_FOR + 1:
+            bucket.slow_down()
+            self.log.emit("qmgr", f"warning: next hop {hop.name} is throttling ({text[:120]}); "
+                          f"pacing at {bucket.current:.3g}/s for {bucket.SLOW_FOR:.0f}s")
+
+    def status(self) -> dict[str, dict[str, object]]:
+        """Per next hop: state, last error, pace, queued jobs (``mailhop status``)."""
+        out: dict[str, dict[str, object]] = {}
+        now = time.monotonic()
+        for name, hop in self.cfg.nexthops.items():
+            health = self.hop_health.get(name, HopHealth())
+            dests = [d for d in self.destinations.values() if d.hop.name == name]
+            suspended = any(d.suspended_until > now for d in dests)
+            bucket = self.buckets.get(name)
+            out[name] = {
+                "target": hop.label, "state": "down" if health.down else
+                "suspended" if suspended else "up",
+                "consecutive_failures": health.failures, "last_error": health.last_error,
+                "fallback": list(hop.fallback),
+                "max_rate": hop.max_rate, "current_rate": bucket.current if bucket else None,
+                "rate_wait_seconds": round(bucket.waited, 3) if bucket else 0.0,
+                "queued_jobs": sum(len(d.jobs) for d in dests),
+                "connections": sum(d.workers for d in dests),
+            }
+        return out
 
     def health(self) -> list[str]:
         """Problems for /healthz: every next hop in use is suspended (no working path)."""

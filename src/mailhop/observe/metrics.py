@@ -77,6 +77,9 @@ class Metrics:
                                buckets=DELAY_BUCKETS, registry=r)
         self.hop_up = Gauge("mailhop_hop_up", "1 if the next hop is usable, 0 if suspended",
                             ["hop"], registry=r)
+        self.rate_wait = Counter("mailhop_rate_limit_wait_seconds_total",
+                                 "Time deliveries waited for a hop's max_rate", ["hop"],
+                                 registry=r)
         self.commit = Histogram("mailhop_spool_commit_seconds", "Spool group commit latency",
                                 buckets=COMMIT_BUCKETS, registry=r)
         r.register(_QueueCollector(db_path))
