@@ -51,7 +51,8 @@ def test_metrics_add_up_and_health_follows_the_next_hop(tmp_path: Path) -> None:
         # six clients, plus the readiness probe of MailhopNode.start()
         assert value(text, "mailhop_connections_total", listener=name) == 7
         assert value(text, "mailhop_delivery_delay_seconds_count", hop="next") == 5
-        assert value(text, "mailhop_spool_commit_seconds_count") >= 10  # 5 in, 5 results
+        # every 250 waited for a commit; results may share a group commit with them
+        assert value(text, "mailhop_spool_commit_seconds_count") >= 5
         assert value(text, "mailhop_hop_up", hop="next") == 1
         wait_for(lambda: value(scrape(mport)[1], "mailhop_queue_messages") == 0, timeout=10)
         assert scrape(mport, "/healthz") == (200, "ok\n")
