@@ -52,3 +52,22 @@ def test_compose_configs_are_valid(tmp_path: Path) -> None:
                  "compose/ingress.toml"):
         assert path.split("/")[1] in compose
         assert (ROOT / "deploy" / path).exists()
+
+
+def test_dockerfile_shape() -> None:
+    """No Docker engine on these machines: check the image's promises statically."""
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    final = lines[max(i for i, ln in enumerate(lines) if ln.startswith("FROM "))]
+    assert final.startswith("FROM python:3.11-slim")  # slim base for the final stage
+    assert "USER mailhop" in lines  # not root
+    assert any(ln.startswith("VOLUME") and "/var/spool/mailhop" in ln for ln in lines)
+    assert 'CMD ["serve", "-c", "/etc/mailhop/mailhop.toml"]' in lines
+    assert lines.index("USER mailhop") > max(i for i, ln in enumerate(lines)
+                                             if ln.startswith("RUN "))
+    copied = [ln for ln in lines if ln.startswith(("COPY", "ADD"))]
+    assert not any("secret" in ln or ".key" in ln for ln in copied)  # no secrets baked in
+    for ln in copied:  # everything copied from the build context exists
+        if "--from" not in ln:
+            for src in ln.split()[1:-1]:
+                assert (ROOT / src).exists(), src
