@@ -7,10 +7,14 @@ one clear line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
+import os
+import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import __version__
@@ -191,75 +195,68 @@ def cmd_queue_control(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_queue_check(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _offline_spool(spool: Path) -> Iterator[tuple[sqlite3.Connection, bool]]:
+    """The spool's database for a tool, and whether a node is running on it.
+
+    When no node runs, the node's lock is held for the duration, so none can
+    start while the tool changes the spool."""
     import fcntl
-    import os
-    import sqlite3
 
-    from .spool.check import find_problems, repair
-
-    spool = _spool_dir(args)
     if not (spool / "spool.db").exists():
         raise CLIError(f"no spool at {spool}")
     fd = os.open(spool / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        running = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            running = False
         except BlockingIOError:
             running = True
-        if args.repair and running:
-            raise CLIError("stop the node before --repair (checking alone is safe while it runs)")
         db = sqlite3.connect(spool / "spool.db", isolation_level=None, timeout=10)
         try:
-            problems = find_problems(db, spool)
-            for p in problems:
-                print(f"{p.queue_id}: {p.kind}: {p.detail}")
-            if args.repair and problems:
-                db.execute("PRAGMA foreign_keys=ON")
-                db.execute("BEGIN IMMEDIATE")
-                done = repair(db, spool, problems)
-                db.execute("COMMIT")
-                print("\n".join(done))
-                print(f"repaired {len(done)} problem(s)")
-                return 0
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            yield db, running
         finally:
             db.close()
     finally:
         os.close(fd)
+
+
+def cmd_queue_check(args: argparse.Namespace) -> int:
+    from .spool.check import find_problems, repair
+
+    spool = _spool_dir(args)
+    with _offline_spool(spool) as (db, running):
+        if args.repair and running:
+            raise CLIError("stop the node before --repair (checking alone is safe while it runs)")
+        problems = find_problems(db, spool)
+        for p in problems:
+            print(f"{p.queue_id}: {p.kind}: {p.detail}")
+        if args.repair and problems:
+            db.execute("BEGIN IMMEDIATE")
+            done = repair(db, spool, problems)
+            db.execute("COMMIT")
+            print("\n".join(done))
+            print(f"repaired {len(done)} problem(s)")
+            return 0
     print(f"spool {spool}: " + ("ok" if not problems else f"{len(problems)} problem(s); "
                                 "run with --repair to fix them"))
     return 0 if not problems else 1
 
 
 def _queue_control_offline(spool: Path, action: str, ids: list[str]) -> list[str]:
-    import fcntl
-    import os
-    import sqlite3
-
     from .spool import ops
 
-    fd = os.open(spool / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:  # hold the node's lock so that no node starts while we change its spool
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CLIError("the node is running but its control socket does not answer") \
-                from None
-        db = sqlite3.connect(spool / "spool.db", isolation_level=None, timeout=10)
-        try:
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("BEGIN IMMEDIATE")
-            if action == "delete":
-                done = ops.delete(db, ids, spool / "bodies")
-            else:
-                done = ops.ACTIONS[action](db, ids)
-            db.execute("COMMIT")
-        finally:
-            db.close()
-    finally:
-        os.close(fd)
+    with _offline_spool(spool) as (db, running):
+        if running:
+            raise CLIError("the node is running but its control socket does not answer")
+        db.execute("BEGIN IMMEDIATE")
+        if action == "delete":
+            done = ops.delete(db, ids, spool / "bodies")
+        else:
+            done = ops.ACTIONS[action](db, ids)
+        db.execute("COMMIT")
     return done
 
 
@@ -477,6 +474,11 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spool_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config")
+    p.add_argument("--spool", help="spool directory (instead of -c)")
+
+
 def _submission_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="HOST:PORT of the node (default: from -c, or "
                    "127.0.0.1:2525)")
@@ -530,8 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, helptext in (("list", cmd_queue_list, "list queued messages (like mailq)"),
                                  ("show", cmd_queue_show, "show one message")):
         p = q.add_parser(name, help=helptext)
-        p.add_argument("-c", "--config")
-        p.add_argument("--spool", help="spool directory (instead of -c)")
+        _spool_options(p)
         if name == "list":
             p.add_argument("--json", action="store_true")
         else:
@@ -541,8 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = q.add_parser("check", help="verify the spool (bodies, recipients) and optionally "
                      "repair it")
-    p.add_argument("-c", "--config")
-    p.add_argument("--spool", help="spool directory (instead of -c)")
+    _spool_options(p)
     p.add_argument("--repair", action="store_true", help="fix what can be fixed (node stopped)")
     p.set_defaults(func=cmd_queue_check)
 
@@ -552,15 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
                            ("delete", "delete messages (ID ... or ALL)"),
                            ("requeue", "requeue messages for immediate delivery")):
         p = q.add_parser(name, help=helptext)
-        p.add_argument("-c", "--config")
-        p.add_argument("--spool", help="spool directory (instead of -c)")
+        _spool_options(p)
         p.add_argument("ids", nargs="*", metavar="ID")
         p.set_defaults(func=cmd_queue_control)
 
     p = sub.add_parser("status", help="a running node's next hops: state, last error, pace, "
                        "queue")
-    p.add_argument("-c", "--config")
-    p.add_argument("--spool", help="spool directory (instead of -c)")
+    _spool_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
