@@ -28,7 +28,7 @@ from ..config import DIRECT, Config, NextHopConfig
 from ..observe.maillog import MailLog
 from ..observe.metrics import Metrics
 from ..protocol.replies import Reply
-from ..spool.model import Envelope, RcptState, Recipient
+from ..spool.model import FINAL_STATES, Envelope, RcptState, Recipient
 from ..spool.store import RecipientUpdate, Spool, StoreError
 from .bounce import Failure, build_dsn
 from .client import DeliveryError, HopConnection, open_connection
@@ -113,6 +113,7 @@ class Message:
     sender_params: dict[str, str | None]
     data: bytes
     jobs_left: int = 0
+    total: int = 0  # all recipients of the message, when all were pending at submission
 
 
 @dataclass
@@ -242,8 +243,8 @@ class Scheduler:
             return
         for i, rcpt in enumerate(env.recipients):
             rcpt.idx = i
-        self._submit(Message(queue_id, arrival, env.sender, dict(env.sender_params), data),
-                     env.recipients)
+        self._submit(Message(queue_id, arrival, env.sender, dict(env.sender_params), data,
+                             total=len(env.recipients)), env.recipients)
 
     def _submit(self, message: Message, recipients: list[Recipient]) -> None:
         now = time.monotonic()
@@ -578,8 +579,10 @@ class Scheduler:
                            message_id=f"<bounce-{message.queue_id}>")
             bounce = (self.spool.prepare(bounce_id, env, data), env, data)
         try:
+            whole = (message.total == len(updates)
+                     and all(u.state in FINAL_STATES for u in updates))
             removed = await self.spool.record(message.queue_id, updates,
-                                              bounce[0] if bounce else None)
+                                              bounce[0] if bounce else None, whole=whole)
         except StoreError as exc:
             # The results are lost, the message is not: it stays pending and is retried.
             self.log.warning("qmgr", f"{message.queue_id}: cannot record delivery status: {exc}")

@@ -382,25 +382,30 @@ class Spool:
 
     # -- results ---------------------------------------------------------------
     async def record(self, queue_id: str, updates: list[RecipientUpdate],
-                     bounce: _Insert | None = None) -> bool:
-        """Store delivery results (and a bounce, atomically); True if the message is done."""
+                     bounce: _Insert | None = None, whole: bool = False) -> bool:
+        """Store delivery results (and a bounce, atomically); True if the message is done.
+
+        ``whole``: the caller knows ``updates`` are final results for every recipient
+        the message has, so it can go at once (the common case: one delivery, all sent).
+        """
         def apply(db: sqlite3.Connection) -> str | bool:
+            if bounce is not None:
+                self.insert_now(db, bounce)
+            if whole:
+                gone = db.execute("DELETE FROM message WHERE id = ? RETURNING body_file",
+                                  (queue_id,)).fetchone()
+                return (gone[0] or True) if gone is not None else False
             db.executemany(
                 "UPDATE recipient SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?"
                 " WHERE message = ? AND idx = ?",
                 [(u.state.value, u.attempts, u.next_attempt, u.last_reply, queue_id, u.idx)
                  for u in updates])
-            if bounce is not None:
-                self.insert_now(db, bounce)
-            left = db.execute(
-                "SELECT count(*) FROM recipient WHERE message = ? AND state IN"
-                " ('queued', 'deferred')", (queue_id,)).fetchone()[0]
-            if left:
-                return False
-            row = db.execute("SELECT body_file FROM message WHERE id = ?",
-                             (queue_id,)).fetchone()
-            if row is None:
-                return False  # deleted meanwhile (queue delete)
+            row = db.execute(
+                "SELECT m.body_file, (SELECT count(*) FROM recipient r WHERE r.message = m.id"
+                " AND r.state IN ('queued', 'deferred')) FROM message m WHERE m.id = ?",
+                (queue_id,)).fetchone()
+            if row is None or row[1]:
+                return False  # still pending, or deleted meanwhile (queue delete)
             db.execute("DELETE FROM message WHERE id = ?", (queue_id,))
             return row[0] or True
         done = await self.write(apply)
