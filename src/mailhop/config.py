@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .protocol.address import is_ip
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -420,7 +422,7 @@ def _nexthop(t: _Table, name: str) -> NextHopConfig:
         if end < 0 or end != len(text) - 1:
             raise t.error("host", f"unterminated [ in {text!r}")
         host, mx = text[1:end], False
-    if not host or (any(c in host for c in " /:") and not _is_ipv6(host)):
+    if not host or (any(c in host for c in " /:") and not is_ip(host)):
         raise t.error("host", f"invalid host name {text!r} (give the port in 'port')")
     port = t.get("port", int, 25)
     if not 0 < port < 65536:
@@ -467,14 +469,6 @@ def _rate(t: _Table, name: str) -> float | None:
     if not m or float(m.group(1)) <= 0:
         raise t.error(name, f"is not a rate like '14/s' or '50000/d': {text!r}")
     return float(m.group(1)) / {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _relay(top: _Table, nexthops: dict[str, NextHopConfig]) -> RelayConfig:

@@ -19,7 +19,6 @@ import contextlib
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from ..config import DeliveryConfig, NextHopConfig
 from ..protocol.client import ClientConnection, ClientProtocolError, Transaction
@@ -91,13 +90,6 @@ class ClientProtocol(asyncio.Protocol):
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
-
-
-@dataclass
-class Timing:
-    """Seconds spent setting up (DNS, TCP, greeting, EHLO, TLS, AUTH): delays' ``c``."""
-
-    setup: float = 0.0
 
 
 class HopConnection:

@@ -20,6 +20,8 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
+from ..protocol.address import is_ip
+
 
 class LookupFailed(Exception):
     """A name could not be resolved; ``permanent`` says whether retrying can help."""
@@ -51,14 +53,6 @@ def parse_hosts(path: Path) -> dict[str, list[str]]:
         for name in fields[1:]:
             table.setdefault(name.lower().rstrip("."), []).append(ip)
     return table
-
-
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 class Resolver:

@@ -350,8 +350,7 @@ class Scheduler:
                         dest.idle -= 1
                     continue
                 if dest.suspended_until > time.monotonic() and dest.suspend_reply is not None:
-                    self._fail(job, dest.suspend_reply, "none", time.monotonic(), 0.0,
-                               suspended=True)
+                    self._fail(job, dest.suspend_reply, "none", time.monotonic(), 0.0)
                     continue
                 conn = await self._deliver(dest, job, conn)
         finally:
@@ -487,7 +486,7 @@ class Scheduler:
         now = time.monotonic()
         while dest.jobs:
             job = dest.jobs.popleft()
-            self._fail(job, dest.suspend_reply, "none", now, 0.0, suspended=True)
+            self._fail(job, dest.suspend_reply, "none", now, 0.0)
 
     # -- outcomes -----------------------------------------------------------
     def _backoff(self, attempts: int) -> float:
@@ -511,7 +510,7 @@ class Scheduler:
         return RecipientUpdate(rcpt.idx, RcptState.BOUNCED, attempts, 0.0, text), failure
 
     def _fail(self, job: Job, reply: Reply, relay: str, started: float, setup: float,
-              transmit: float = 0.0, suspended: bool = False) -> None:
+              transmit: float = 0.0) -> None:
         """The whole job got one answer (connection failure, policy, suspension)."""
         status = "deferred" if reply.is_transient or reply.code < 400 else "bounced"
         text = " ".join(reply.lines)  # our own description, Postfix-style, without a code

@@ -150,5 +150,10 @@ def parse_rcpt_arg(arg: str, utf8: bool) -> tuple[str, dict[str, str | None]]:
     return address, params
 
 
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+def is_ip(text: str) -> bool:
+    """An IPv4 or IPv6 address literal (without brackets)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

@@ -20,10 +20,10 @@ class RcptState(enum.StrEnum):
     BOUNCED = "bounced"
 
 
-#: States in which a recipient still needs work.  ``active`` exists only in the
+#: Pending recipients are queued or deferred.  ``active`` exists only in the
 #: scheduler's memory: the spool keeps such recipients as queued/deferred, so a
 #: crash mid-delivery simply retries them (at-least-once, never lost).
-PENDING_STATES = (RcptState.QUEUED, RcptState.DEFERRED)
+#: States after which a recipient needs no more work:
 FINAL_STATES = (RcptState.SENT, RcptState.BOUNCED)
 
 
