@@ -263,8 +263,12 @@ class HopConnection:
         return params
 
     async def send(self, sender: str, sender_params: dict[str, str | None],
-                   recipients: list[str], data: bytes) -> Transaction:
-        """One transaction; per-recipient results are in the returned :class:`Transaction`."""
+                   recipients: list[str], data: bytes, *, checked: bool = False) -> Transaction:
+        """One transaction; per-recipient results are in the returned :class:`Transaction`.
+
+        ``checked``: ``data`` is known to have no bare CR or LF (it came
+        from the spool, which only holds mail that passed that check).
+        """
         s = self.settings
         conn = self.conn
         utf8 = "SMTPUTF8" in sender_params
@@ -290,7 +294,7 @@ class HopConnection:
                         self._write(conn.data())
                         tx.data = await self._read("data", s.command_timeout, "sending DATA")
             if tx.data is not None and tx.data.code == 354:
-                self._write(conn.message(data if tx.accepted else b""))
+                self._write(conn.message(data if tx.accepted else b"", checked=checked))
                 tx.final = await self._read("end", s.data_timeout,
                                             "sending end of data -- message may be sent more "
                                             "than once")

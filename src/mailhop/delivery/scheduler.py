@@ -396,7 +396,8 @@ class Scheduler:
             if self.metrics is not None and waited:
                 self.metrics.rate_wait.labels(dest.hop.name).inc(waited)
         try:
-            tx = await conn.send(message.sender, message.sender_params, addresses, message.data)
+            tx = await conn.send(message.sender, message.sender_params, addresses, message.data,
+                                 checked=True)
         except DeliveryError as exc:
             conn.close()
             if not fresh and not job.reuse_retry and "MAIL FROM" in exc.reply.text:

@@ -566,14 +566,11 @@ class ServerConnection:
         raw = bytes(buf[: end + 2])
         del buf[: end + 5]
         self.state = State.COMMAND
-        problem = self._check_data(raw)
-        data = raw.replace(b"\r\n.", b"\r\n")[2:] if problem is None else b""
-        if problem is None and len(data) > MAX_TEXT_LINE and max(
-            map(len, data.split(b"\r\n"))
-        ) > MAX_TEXT_LINE:
-            problem = R_LONG_LINE_DATA
-        if problem is None and len(data) > self._cfg.max_message_size:
-            problem = R_TOO_BIG
+        problem = R_TOO_BIG if self._too_big else _check_data(raw)
+        if problem is None:
+            data = raw.replace(b"\r\n.", b"\r\n")[2:]
+            if len(data) > self._cfg.max_message_size:
+                problem = R_TOO_BIG
         if problem is not None:
             self._reset_transaction()
             self._reply(problem)
@@ -581,21 +578,34 @@ class ServerConnection:
         return MessageReceived(self.sender or "", self.sender_params, tuple(self.recipients),
                                data)
 
-    def _check_data(self, raw: bytes) -> Reply | None:
-        if self._too_big:
-            return R_TOO_BIG
-        crlf = raw.count(b"\r\n")
-        if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:
-            return R_BAD_NEWLINE_DATA
-        if b"\x00" in raw:
-            return R_NUL_DATA
-        return None
-
     def _reset_transaction(self) -> None:
         self.sender = None
         self.sender_params = {}
         self.recipients = []
         self._rcpt_attempts = 0
+
+
+def _check_data(raw: bytes) -> Reply | None:
+    """Bare CR or LF, NUL, over-long lines in dot-stuffed ``raw`` (which starts with CRLF).
+
+    Why one ``split``: on 100 KiB of text, every ``count``/``find`` of a
+    multi-byte pattern costs a full byte-by-byte pass (~80 us each), while
+    ``in`` on a single byte is ``memchr``.  Splitting on CRLF once and
+    looking for any CR or LF left in the pieces answers the newline
+    question; the same pieces give the longest line.
+    """
+    lines = raw.split(b"\r\n")
+    rest = b"".join(lines)
+    if b"\r" in rest or b"\n" in rest:
+        return R_BAD_NEWLINE_DATA
+    if b"\x00" in rest:
+        return R_NUL_DATA
+    if len(rest) > MAX_TEXT_LINE and max(map(len, lines)) > MAX_TEXT_LINE:
+        # A dot-stuffed line is one longer on the wire than in the message.
+        longest = max(len(line) - (line[:1] == b".") for line in lines)
+        if longest > MAX_TEXT_LINE:
+            return R_LONG_LINE_DATA
+    return None
 
 
 _HANDLERS = {
