@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,34 +235,61 @@ class FaultyProxy:
             up_writer.transport.abort()
 
         async def client_to_server() -> None:
-            while chunk := await reader.read(65536):
-                await asyncio.sleep(self.latency)
-                if mode == "data" and state["data"] > 0 and state["data"] + len(chunk) > 512:
-                    up_writer.write(chunk[: max(1, len(chunk) // 2)])
-                    return reset("mid-DATA")
-                if b"DATA\r\n" in chunk or state["data"]:
-                    state["data"] += len(chunk)
-                if b"\r\n.\r\n" in chunk:
-                    state["dot"] = True
-                up_writer.write(chunk)
-                await self._pace(len(chunk))
-            up_writer.close()
+            async with self._delayed(up_writer) as forward:
+                while chunk := await reader.read(65536):
+                    if mode == "data" and state["data"] > 0 and state["data"] + len(chunk) > 512:
+                        forward(chunk[: max(1, len(chunk) // 2)])
+                        await asyncio.sleep(self.latency + 0.01)  # let the half go out
+                        return reset("mid-DATA")
+                    if b"DATA\r\n" in chunk or state["data"]:
+                        state["data"] += len(chunk)
+                    if b"\r\n.\r\n" in chunk:
+                        state["dot"] = True
+                    forward(chunk)
+                    await self._pace(len(chunk))
 
         async def server_to_client() -> None:
             first = True
-            while chunk := await up_reader.read(65536):
-                await asyncio.sleep(self.latency)
-                if first and mode == "greeting":
-                    return reset("greeting")
-                first = False
-                if mode == "after_dot" and state["dot"]:
-                    return reset("after final dot")
-                writer.write(chunk)
-                await self._pace(len(chunk))
-            writer.close()
+            async with self._delayed(writer) as forward:
+                while chunk := await up_reader.read(65536):
+                    if first and mode == "greeting":
+                        return reset("greeting")
+                    first = False
+                    if mode == "after_dot" and state["dot"]:
+                        return reset("after final dot")
+                    forward(chunk)
+                    await self._pace(len(chunk))
 
         with contextlib.suppress(Exception):
             await asyncio.gather(client_to_server(), server_to_client())
+
+    @contextlib.asynccontextmanager
+    async def _delayed(self, writer: asyncio.StreamWriter
+                       ) -> AsyncIterator[Callable[[bytes], None]]:
+        """A delay line: each chunk leaves ``latency`` after it arrived, in order.
+
+        Reading goes on meanwhile, so the link has latency without turning
+        into stop-and-wait (a pipelined peer keeps several chunks in flight).
+        """
+        line: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        async def drain() -> None:
+            while (item := await line.get()) is not None:
+                delay = item[0] - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                writer.write(item[1])
+                await writer.drain()
+            writer.close()
+
+        task = asyncio.ensure_future(drain())
+        try:
+            yield lambda chunk: line.put_nowait((loop.time() + self.latency, chunk))
+        finally:
+            line.put_nowait(None)
+            with contextlib.suppress(Exception):
+                await task
 
     async def _pace(self, size: int) -> None:
         if self.rate:
