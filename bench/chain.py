@@ -1,103 +1,45 @@
-"""Two-hop end-to-end throughput: mailhop ingress -> egress vs Postfix A -> B, same run.
+"""Relay throughput, end to end: mailhop vs Postfix, one hop and two hops, same run.
 
-    load generator -> ingress -> egress -> smtp-sink      (mailhop)
-    load generator -> Postfix A (relayhost=[B]) -> Postfix B (relayhost=[sink]) -> smtp-sink
+    load generator -> ingress [-> egress] -> smtp-sink         (mailhop)
+    load generator -> Postfix A [-> Postfix B] -> smtp-sink     (relayhost=[next])
 
-Both chains fsync every message before each 250 (mailhop: SQLite WAL
-``synchronous=FULL`` with group commit; Postfix: its queue files).  The
-same pipelining load generator feeds both, the same ``smtp-sink`` (from the
-postfix package, C) swallows the output, and the clock stops when the last
-hop has logged ``status=sent`` for every message.
+Both fsync every message before each 250 on every hop (mailhop: SQLite WAL
+``synchronous=FULL`` with group commit; Postfix: its queue files).  The same
+pipelining load generator feeds both, the same ``smtp-sink`` (C) swallows
+the output, and the clock stops when the last hop has logged
+``status=sent`` for every message.  CPU per message is the relays' user +
+system time divided by the messages.
 
-    python bench/chain.py [--messages 20000] [--sessions 20] [--sizes 4096,102400] [--quick]
+    python bench/chain.py [--messages 20000] [--sessions 20] [--sizes 4096,102400]
+                          [--hops 2,1] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from support import MailhopNode, PostfixInstance, free_port, wait_port
+from common import Sink, load, running, wait_sent
 
 
-class Sink:
-    """Postfix's smtp-sink: accepts everything, stores nothing."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(["smtp-sink", "-u", "postfix", f"127.0.0.1:{self.port}",
-                                      "1024"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        wait_port("127.0.0.1", self.port)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-def load(port: int, messages: int, sessions: int, size: int) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "mailhop.tools.loadgen", f"127.0.0.1:{port}", "-m",
-         str(messages), "-s", str(sessions), "-l", str(size), "--json"],
-        capture_output=True, text=True, timeout=3600)
-    result = json.loads(out.stdout)
-    if result["acked"] != messages:
-        raise SystemExit(f"only {result['acked']} of {messages} accepted: {result['errors']}")
-
-
-def wait_sent(log: Path, messages: int, timeout: float = 3600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and log.read_bytes().count(b"status=sent") >= messages:
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"timed out: {log} has fewer than {messages} sent")
-
-
-def run_mailhop(work: Path, messages: int, sessions: int, size: int) -> float:
+def measure(kind: str, hops: int, messages: int, sessions: int, size: int) -> dict:
     sink = Sink()
-    hop = f'tls = "none"\nmax_connections = {sessions}\n'
-    listen = "max_connections_per_ip = 1000\n"
-    egress = MailhopNode(work / "egress", name="egress", relay=f"[127.0.0.1]:{sink.port}",
-                         hop=hop, listen=listen).start()
-    ingress = MailhopNode(work / "ingress", name="ingress", relay=f"[127.0.0.1]:{egress.port}",
-                          hop=hop, listen=listen).start()
     try:
-        started = time.perf_counter()
-        load(ingress.port, messages, sessions, size)
-        wait_sent(egress.maillog, messages)
-        return time.perf_counter() - started
+        with tempfile.TemporaryDirectory(prefix="mailhop-bench-") as tmp, \
+                running(kind, Path(tmp), hops, sink.port, sessions) as chain:
+            cpu = chain.cpu()
+            started = time.perf_counter()
+            load(chain.entry_port, messages, sessions, size)
+            wait_sent(chain.last_log, messages)
+            seconds = time.perf_counter() - started
+            cpu = chain.cpu() - cpu
     finally:
-        ingress.stop()
-        egress.stop()
         sink.stop()
-
-
-def run_postfix(work: Path, messages: int, sessions: int, size: int) -> float:
-    sink = Sink()
-    extra = (f"default_destination_concurrency_limit = {sessions}\n"
-             "smtpd_client_connection_count_limit = 0\ndefault_process_limit = 200\n"
-             "smtp_tls_security_level = none\n")
-    b = PostfixInstance(work / "postfix-b", relayhost=f"[127.0.0.1]:{sink.port}",
-                        main_extra=extra).start()
-    a = PostfixInstance(work / "postfix-a", relayhost=f"[127.0.0.1]:{b.port}",
-                        main_extra=extra).start()
-    try:
-        started = time.perf_counter()
-        load(a.port, messages, sessions, size)
-        wait_sent(b.maillog, messages)
-        return time.perf_counter() - started
-    finally:
-        a.stop()
-        b.stop()
-        sink.stop()
+    return {"msg_s": round(messages / seconds, 1),
+            "cpu_ms_per_msg": round(cpu / messages * 1000, 3)}
 
 
 def main() -> None:
@@ -107,26 +49,30 @@ def main() -> None:
                         help="messages for sizes over 64 KiB")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--sizes", default="4096,102400")
+    parser.add_argument("--hops", default="2,1")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run, no claims")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
         args.messages, args.large_messages = 200, 50
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        n = args.messages if size <= 65536 else args.large_messages
-        with tempfile.TemporaryDirectory(prefix="mailhop-chain-") as tmp:
-            m = n / run_mailhop(Path(tmp), n, args.sessions, size)
-        with tempfile.TemporaryDirectory(prefix="mailhop-chain-") as tmp:
-            p = n / run_postfix(Path(tmp), n, args.sessions, size)
-        rows.append({"size": size, "messages": n, "mailhop_msg_s": round(m, 1),
-                     "postfix_msg_s": round(p, 1), "ratio": round(m / p, 2)})
-    print(f"two-hop end to end, {args.sessions} sessions, fsync before every 250 on every hop")
-    print(f"  {'size':>8} {'messages':>9} {'mailhop msg/s':>14} {'postfix msg/s':>14} "
-          f"{'ratio':>7}")
+    for hops in (int(h) for h in args.hops.split(",")):
+        for size in (int(s) for s in args.sizes.split(",")):
+            n = args.messages if size <= 65536 else args.large_messages
+            m = measure("mailhop", hops, n, args.sessions, size)
+            p = measure("postfix", hops, n, args.sessions, size)
+            rows.append({"hops": hops, "size": size, "messages": n,
+                         "mailhop_msg_s": m["msg_s"], "postfix_msg_s": p["msg_s"],
+                         "ratio": round(m["msg_s"] / p["msg_s"], 2),
+                         "mailhop_cpu_ms": m["cpu_ms_per_msg"],
+                         "postfix_cpu_ms": p["cpu_ms_per_msg"]})
+    print(f"relay throughput, {args.sessions} sessions, fsync before every 250 on every hop")
+    print(f"  {'hops':>4} {'size':>7} {'messages':>8} {'mailhop msg/s':>14} "
+          f"{'postfix msg/s':>14} {'ratio':>7} {'CPU ms/msg mailhop':>19} {'postfix':>8}")
     for r in rows:
-        print(f"  {r['size']:>8} {r['messages']:>9} {r['mailhop_msg_s']:>14.1f} "
-              f"{r['postfix_msg_s']:>14.1f} {r['ratio']:>6.2f}x")
+        print(f"  {r['hops']:>4} {r['size']:>7} {r['messages']:>8} {r['mailhop_msg_s']:>14.1f} "
+              f"{r['postfix_msg_s']:>14.1f} {r['ratio']:>6.2f}x {r['mailhop_cpu_ms']:>19.2f} "
+              f"{r['postfix_cpu_ms']:>8.2f}")
     if args.json:
         args.json.write_text(json.dumps({"benchmark": "chain", "date": time.strftime("%Y-%m-%d"),
                                          "sessions": args.sessions, "rows": rows}, indent=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import subprocess
@@ -34,17 +35,21 @@ SINK = Path(__file__).with_name("sink.py")
 class CountingSink:
     """``sink.py`` as a subprocess; :meth:`tokens` counts what arrived."""
 
-    def __init__(self, directory: Path, max_rate: float = 0.0) -> None:
+    def __init__(self, directory: Path, max_rate: float = 0.0, *, timed: bool = False) -> None:
         self.max_rate = max_rate
+        self.timed = timed
         self.port = free_port()
         directory.mkdir(parents=True, exist_ok=True)
         self.file = directory / "sink-tokens"
         self.file.touch()
+        self.times_file = directory / "sink-times"
+        self.times_file.touch()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> CountingSink:
+        env = dict(os.environ, SINK_TIMES=str(self.times_file)) if self.timed else None
         self.proc = subprocess.Popen([sys.executable, str(SINK), str(self.port),
-                                      str(self.file), str(self.max_rate)])
+                                      str(self.file), str(self.max_rate)], env=env)
         wait_port("127.0.0.1", self.port)
         return self
 
@@ -55,6 +60,14 @@ class CountingSink:
 
     def tokens(self) -> Counter[str]:
         return Counter(self.file.read_text().split())
+
+    def arrivals(self) -> dict[str, float]:
+        """Token -> wall-clock time it arrived (``timed`` sinks only; first arrival wins)."""
+        seen: dict[str, float] = {}
+        for line in self.times_file.read_text().splitlines():
+            token, _, when = line.partition(" ")
+            seen.setdefault(token, float(when))
+        return seen
 
 
 class Chain:

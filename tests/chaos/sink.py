@@ -4,13 +4,16 @@ Run as a process (``python tests/chaos/sink.py PORT TOKENS_FILE [MAX_RATE]``) so
 never competes with the test for the GIL.  Built on mailhop's own server
 engine; the token is the ``X-Mailhop-Token`` header the load generator
 puts in every message.  Tokens are appended to a file, one per line, so a
-test can count what arrived (and how often) at any time.
+test can count what arrived (and how often) at any time.  With
+``SINK_TIMES=FILE`` in the environment it also writes ``token wall-clock``
+lines there, for latency benchmarks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import re
 import signal
 import sys
@@ -40,6 +43,7 @@ CONFIG = ServerConfig(hostname="sink.test", max_message_size=50 * 1024 * 1024)
 
 class Sink(asyncio.Protocol):
     out = None  # the tokens file, shared
+    times = None  # the arrival times file, if asked for
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -56,6 +60,7 @@ class Sink(asyncio.Protocol):
             if event in (NEED_DATA, PAUSED):
                 break
             if event is CLOSED:
+                self.flush()  # a pipelined QUIT can follow the final dot
                 self.transport.write(conn.data_to_send())  # type: ignore[attr-defined]
                 self.transport.close()
                 return
@@ -72,16 +77,27 @@ class Sink(asyncio.Protocol):
                 match = TOKEN.search(event.data)
                 token = match.group(1).decode() if match else "-"
                 Sink.out.write(f"{token}\n")
+                if Sink.times is not None:
+                    Sink.times.write(f"{token} {time.time():.6f}\n")
                 self.count += 1
                 conn.accept(f"Ok: queued as SINK{self.count}")
             else:
                 conn.accept()
-        Sink.out.flush()
+        self.flush()
         self.transport.write(conn.data_to_send())  # type: ignore[attr-defined]
+
+    @staticmethod
+    def flush() -> None:
+        """Before any reply goes out: what was acked is on record."""
+        Sink.out.flush()
+        if Sink.times is not None:
+            Sink.times.flush()
 
 
 async def main(port: int, path: str) -> None:
     Sink.out = open(path, "a", encoding="utf-8")  # noqa: SIM115
+    if os.environ.get("SINK_TIMES"):
+        Sink.times = open(os.environ["SINK_TIMES"], "a", encoding="utf-8")  # noqa: SIM115
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Sink, "127.0.0.1", port, reuse_address=True)
     stop = asyncio.Event()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..protocol.replies import Reply, ReplyParser
@@ -24,6 +25,7 @@ class LoadResult:
     refused: list[tuple[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    submitted: dict[str, float] = field(default_factory=dict)  # token -> wall clock, paced runs
 
     @property
     def rate(self) -> float:
@@ -123,6 +125,51 @@ async def _session(host: str, port: int, tokens: asyncio.Queue[str], size: int,
         transport.close()
 
 
+async def _paced_session(host: str, port: int, schedule: Iterator[tuple[str, float]], size: int,
+                         sender: str, rcpt: str, result: LoadResult) -> None:
+    """One message per due time, each sent whole (envelope pipelined, then data).
+
+    Used to measure latency at a fixed rate, so nothing waits for the next
+    message to share a write with, unlike :func:`_session`.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        transport, proto = await loop.create_connection(
+            lambda: _Session(loop.create_future()), host, port)
+    except OSError as exc:
+        result.errors.append(f"connect: {exc}")
+        return
+    assert isinstance(proto, _Session)
+    get = proto.get
+    envelope = f"MAIL FROM:<{sender}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode()
+    try:
+        if (await get()).code != 220:
+            result.errors.append("no greeting")
+            return
+        transport.write(b"EHLO loadgen.test\r\n")
+        await get()
+        for token, due in schedule:
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if proto.closed:
+                result.errors.append("connection lost")
+                return
+            result.submitted[token] = time.time()
+            transport.write(envelope)
+            replies = [await get(), await get(), await get()]
+            result.sent += 1
+            if replies[2].code != 354:
+                result.refused.append((token, replies[2].text))
+                continue
+            message = make_message(token, size, sender, rcpt)
+            transport.write(message.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+            _record(await get(), token, result)
+        transport.write(b"QUIT\r\n")
+    finally:
+        transport.close()
+
+
 def _record(reply: Reply, token: str, result: LoadResult) -> None:
     if reply.code == 250:
         result.acked.append(token)
@@ -133,16 +180,27 @@ def _record(reply: Reply, token: str, result: LoadResult) -> None:
 async def run_load(host: str, port: int, *, messages: int, sessions: int = 20,
                    size: int = 4096, sender: str = "load@example.org",
                    rcpt: str = "sink@example.com", prefix: str = "",
-                   source: str | None = None) -> LoadResult:
-    """Send ``messages`` messages over ``sessions`` pipelining connections."""
+                   source: str | None = None, rate: float | None = None) -> LoadResult:
+    """Send ``messages`` messages over ``sessions`` pipelining connections.
+
+    With ``rate``, messages go out at that many per second instead of as
+    fast as the server answers, and ``submitted`` records when each began.
+    """
     tokens: asyncio.Queue[str] = asyncio.Queue()
     stamp = prefix or f"t{time.time_ns():x}"
-    for i in range(messages):
-        tokens.put_nowait(f"{stamp}-{i:07d}")
+    names = [f"{stamp}-{i:07d}" for i in range(messages)]
+    for name in names:
+        tokens.put_nowait(name)
     result = LoadResult()
     started = time.perf_counter()
-    await asyncio.gather(*(_session(host, port, tokens, size, sender, rcpt, result, source)
-                           for _ in range(sessions)))
+    if rate:
+        t0 = asyncio.get_running_loop().time() + 0.2
+        schedule = iter([(name, t0 + i / rate) for i, name in enumerate(names)])
+        await asyncio.gather(*(_paced_session(host, port, schedule, size, sender, rcpt, result)
+                               for _ in range(sessions)))
+    else:
+        await asyncio.gather(*(_session(host, port, tokens, size, sender, rcpt, result, source)
+                               for _ in range(sessions)))
     result.seconds = time.perf_counter() - started
     return result
 
@@ -156,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--messages", type=int, default=1000)
     parser.add_argument("-s", "--sessions", type=int, default=20)
     parser.add_argument("-l", "--size", type=int, default=4096)
+    parser.add_argument("-r", "--rate", type=float, help="messages per second (default: flat out)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     host, _, port = args.server.rpartition(":")
@@ -165,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         runner = asyncio.run
     result = runner(run_load(host.strip("[]"), int(port), messages=args.messages,
-                             sessions=args.sessions, size=args.size))
+                             sessions=args.sessions, size=args.size, rate=args.rate))
     if args.json:
         print(json.dumps({"acked": len(result.acked), "refused": len(result.refused),
                           "errors": result.errors, "seconds": result.seconds,
-                          "rate": result.rate}))
+                          "rate": result.rate, "submitted": result.submitted}))
     else:
         print(f"{len(result.acked)} acked, {len(result.refused)} refused, "
               f"{len(result.errors)} errors in {result.seconds:.2f}s = {result.rate:.0f} msg/s")

@@ -1,0 +1,72 @@
+"""End-to-end latency at a fixed rate: mailhop vs Postfix, two hops, same run.
+
+The load generator submits messages at a steady rate (200/s by default)
+into the first hop; a sink built on mailhop's engine notes when each
+message's token arrives.  Latency is arrival minus the moment the client
+began that message's transaction, so it includes the first hop's fsync,
+both queues and both deliveries.
+
+    python bench/latency.py [--rate 200] [--seconds 20] [--size 4096] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from common import load, percentile, running, wait_sent
+from harness import CountingSink
+
+
+def measure(kind: str, messages: int, rate: float, size: int, sessions: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mailhop-latency-") as tmp:
+        sink = CountingSink(Path(tmp) / "sink", timed=True).start()
+        try:
+            with running(kind, Path(tmp), 2, sink.port, sessions) as chain:
+                result = load(chain.entry_port, messages, sessions, size, rate=rate)
+                wait_sent(chain.last_log, messages)
+                time.sleep(0.2)
+                arrived = sink.arrivals()
+        finally:
+            sink.stop()
+    submitted: dict[str, float] = result["submitted"]
+    waits = [arrived[t] - s for t, s in submitted.items() if t in arrived]
+    if len(waits) != messages:
+        missing = sorted(set(submitted) - set(arrived))[:3]
+        raise SystemExit(f"{kind}: {len(waits)} of {messages} arrived; missing {missing} "
+                         f"of {len(submitted)}; {len(arrived)} arrived")
+    return {"p50_ms": round(percentile(waits, 50) * 1000, 2),
+            "p99_ms": round(percentile(waits, 99) * 1000, 2),
+            "max_ms": round(max(waits) * 1000, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run, no claims")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.rate, args.seconds = 50.0, 2.0
+    messages = int(args.rate * args.seconds)
+    rows = {kind: measure(kind, messages, args.rate, args.size, args.sessions)
+            for kind in ("mailhop", "postfix")}
+    print(f"two-hop latency, submit to arrival, {args.rate:.0f} msg/s for {args.seconds:.0f}s "
+          f"({messages} messages of {args.size} bytes)")
+    print(f"  {'':<8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for kind, r in rows.items():
+        print(f"  {kind:<8} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"benchmark": "latency", "date": time.strftime("%Y-%m-%d"),
+                                         "rate": args.rate, "messages": messages,
+                                         "size": args.size, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
