@@ -19,9 +19,15 @@ import contextlib
 import ssl
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from ..config import DeliveryConfig, NextHopConfig
-from ..protocol.client import ClientConnection, ClientProtocolError, Transaction
+from ..protocol.client import (
+    ClientConnection,
+    ClientProtocolError,
+    Transaction,
+    check_envelope,
+)
 from ..protocol.replies import Reply
 from .connect import ConnectFailed, FamilyMemory, connect_staggered
 from .credentials import Credentials
@@ -90,6 +96,16 @@ class ClientProtocol(asyncio.Protocol):
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One transaction on the wire: its replies so far and the data it carries."""
+
+    tx: Transaction
+    data: bytes
+    checked: bool
+    sent_data: bool = False
 
 
 class HopConnection:
@@ -269,43 +285,94 @@ class HopConnection:
         ``checked``: ``data`` is known to have no bare CR or LF (it came
         from the spool, which only holds mail that passed that check).
         """
-        s = self.settings
-        conn = self.conn
+        if self.conn.caps.pipelining:
+            attempt = self.start(sender, sender_params, recipients, data, checked=checked)
+            await self.envelope(attempt)
+        else:
+            attempt = await self._stepwise(sender, sender_params, recipients, data, checked)
+        return await self.end(attempt)
+
+    def start(self, sender: str, sender_params: dict[str, str | None], recipients: list[str],
+              data: bytes, *, checked: bool = False) -> Attempt:
+        """Write ``MAIL``, every ``RCPT`` and ``DATA`` at once (RFC 2920; PIPELINING only).
+
+        Nothing is read here, so the caller may still be waiting for the
+        previous message's final reply: that reply comes first, then these.
+        """
         utf8 = "SMTPUTF8" in sender_params
         params = self.mail_params(len(data), sender_params, utf8)
-        tx = Transaction(list(recipients))
+        attempt = Attempt(Transaction(list(recipients)), data, checked)
         try:
-            if conn.caps.pipelining:
-                self._write(conn.transaction(sender, params, recipients))
-                tx.mail = await self._read("mail", s.command_timeout, "sending MAIL FROM")
-                for _ in recipients:
+            for address in (sender, *recipients):  # before any command is registered
+                check_envelope(address)
+            wire = self.conn.transaction(sender, params, recipients)
+        except ClientProtocolError as exc:
+            raise self._unsendable(exc) from None
+        self._write(wire)
+        return attempt
+
+    async def envelope(self, attempt: Attempt) -> None:
+        """Read the replies to :meth:`start`; after a 354, send the message data."""
+        s = self.settings
+        tx = attempt.tx
+        tx.mail = await self._read("mail", s.command_timeout, "sending MAIL FROM")
+        for _ in tx.recipients:
+            tx.rcpt.append(await self._read("rcpt", s.command_timeout, "sending RCPT TO"))
+        tx.data = await self._read("data", s.command_timeout, "sending DATA")
+        self._send_data(attempt)
+
+    async def _stepwise(self, sender: str, sender_params: dict[str, str | None],
+                        recipients: list[str], data: bytes, checked: bool) -> Attempt:
+        """A server without PIPELINING: one command, one reply."""
+        s = self.settings
+        params = self.mail_params(len(data), sender_params, "SMTPUTF8" in sender_params)
+        attempt = Attempt(Transaction(list(recipients)), data, checked)
+        tx = attempt.tx
+        try:
+            self._write(self.conn.mail(sender, params))
+            tx.mail = await self._read("mail", s.command_timeout, "sending MAIL FROM")
+            if tx.mail.is_positive:
+                for rcpt in recipients:
+                    self._write(self.conn.rcpt(rcpt))
                     tx.rcpt.append(await self._read("rcpt", s.command_timeout,
                                                     "sending RCPT TO"))
-                tx.data = await self._read("data", s.command_timeout, "sending DATA")
-            else:
-                self._write(conn.mail(sender, params))
-                tx.mail = await self._read("mail", s.command_timeout, "sending MAIL FROM")
-                if tx.mail.is_positive:
-                    for rcpt in recipients:
-                        self._write(conn.rcpt(rcpt))
-                        tx.rcpt.append(await self._read("rcpt", s.command_timeout,
-                                                        "sending RCPT TO"))
-                    if tx.accepted:
-                        self._write(conn.data())
-                        tx.data = await self._read("data", s.command_timeout, "sending DATA")
-            if tx.data is not None and tx.data.code == 354:
-                self._write(conn.message(data if tx.accepted else b"", checked=checked))
-                tx.final = await self._read("end", s.data_timeout,
-                                            "sending end of data -- message may be sent more "
-                                            "than once")
-            if not (tx.final is not None and tx.final.code == 250 and tx.accepted):
-                await self.reset()
+                if tx.accepted:
+                    self._write(self.conn.data())
+                    tx.data = await self._read("data", s.command_timeout, "sending DATA")
         except ClientProtocolError as exc:
-            raise DeliveryError(Reply.of(554, "5.6.0", f"cannot send message: {exc}"),
-                                self.relay) from None
+            raise self._unsendable(exc) from None
+        self._send_data(attempt)
+        return attempt
+
+    def _send_data(self, attempt: Attempt) -> None:
+        tx = attempt.tx
+        if tx.data is not None and tx.data.code == 354:
+            try:
+                self._write(self.conn.message(attempt.data if tx.accepted else b"",
+                                              checked=attempt.checked))
+            except ClientProtocolError as exc:
+                raise self._unsendable(exc) from None
+            attempt.sent_data = True
+
+    async def end(self, attempt: Attempt, *, reset: bool = True) -> Transaction:
+        """The final reply to the message data, if it was sent.
+
+        ``reset=False`` when the next transaction's envelope is already on
+        the wire: an ``RSET`` now would cancel that one, not this one.
+        """
+        tx = attempt.tx
+        if attempt.sent_data:
+            tx.final = await self._read("end", self.settings.data_timeout,
+                                        "sending end of data -- message may be sent more "
+                                        "than once")
+        if reset and not (tx.final is not None and tx.final.code == 250 and tx.accepted):
+            await self.reset()
         self.messages += 1
         self.last_used = time.monotonic()
         return tx
+
+    def _unsendable(self, exc: ClientProtocolError) -> DeliveryError:
+        return DeliveryError(Reply.of(554, "5.6.0", f"cannot send message: {exc}"), self.relay)
 
     async def reset(self) -> None:
         self._write(self.conn.rset())

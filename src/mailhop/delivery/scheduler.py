@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from ..config import DIRECT, Config, NextHopConfig
 from ..observe.maillog import MailLog
 from ..observe.metrics import Metrics
+from ..protocol.client import Transaction
 from ..protocol.replies import Reply
 from ..spool.model import FINAL_STATES, Envelope, RcptState, Recipient
 from ..spool.store import RecipientUpdate, Spool, StoreError
 from .bounce import Failure, build_dsn
-from .client import DeliveryError, HopConnection, open_connection
+from .client import Attempt, DeliveryError, HopConnection, open_connection
 from .connect import FamilyMemory
 from .credentials import Credentials, load_credentials
 from .resolver import Resolver
@@ -123,6 +124,17 @@ class Job:
     destination: Destination
     picked: float
     reuse_retry: bool = False
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A message whose data is sent and whose final reply is still to be read."""
+
+    job: Job
+    attempt: Attempt
+    started: float
+    setup: float
+    sending: float
 
 
 @dataclass
@@ -336,9 +348,15 @@ class Scheduler:
 
     async def _worker(self, dest: Destination) -> None:
         conn: HopConnection | None = None
+        flight: InFlight | None = None
         try:
             while not self._stopping:
                 job = self._next_job(dest)
+                if flight is not None and (job is None or not self._can_chain(dest, conn)):
+                    conn = await self._complete(flight, conn)
+                    flight = None
+                    if job is None:
+                        continue  # more may have come while the reply was awaited
                 if job is None:
                     dest.idle += 1
                     dest.wake.clear()
@@ -352,14 +370,33 @@ class Scheduler:
                 if dest.suspended_until > time.monotonic() and dest.suspend_reply is not None:
                     self._fail(job, dest.suspend_reply, "none", time.monotonic(), 0.0)
                     continue
-                conn = await self._deliver(dest, job, conn)
+                conn, flight = await self._deliver(dest, job, conn, flight)
+            if flight is not None:  # stopping: hear the last answer, or it is sent twice
+                conn = await self._complete(flight, conn)
         finally:
             dest.workers -= 1
             if conn is not None:
                 conn.close()
 
-    async def _deliver(self, dest: Destination, job: Job,
-                       conn: HopConnection | None) -> HopConnection | None:
+    def _can_chain(self, dest: Destination, conn: HopConnection | None) -> bool:
+        """May the next envelope go out before the last message's final reply is in?
+
+        RFC 2920 lets message data start a pipelined group, so on a
+        PIPELINING connection a message costs one round trip instead of
+        two: the data of one and the envelope of the next travel together.
+        Not on a paced hop, where the next message must wait for its slot
+        anyway and the last result should not wait with it.
+        """
+        return (conn is not None and conn.usable and conn.conn.caps.pipelining
+                and dest.hop.name not in self.buckets)
+
+    async def _deliver(self, dest: Destination, job: Job, conn: HopConnection | None,
+                       flight: InFlight | None) -> tuple[HopConnection | None, InFlight | None]:
+        """Send ``job``; returns the connection to keep and the message still in flight.
+
+        ``flight`` (only on a connection where :meth:`_can_chain`) is the
+        previous message, whose final reply is read after this envelope is written.
+        """
         started = time.monotonic()
         setup = 0.0
         if conn is None or not conn.usable:
@@ -372,11 +409,11 @@ class Scheduler:
             except DeliveryError as exc:
                 if not exc.reply.is_permanent and self._hop_failed(dest, exc.reply):
                     self._reroute(dest, job)  # down, and a fallback can take the mail
-                    return None
+                    return None, None
                 self._fail(job, exc.reply, exc.relay, started, time.monotonic() - started)
                 if not exc.reply.is_permanent:
                     self._suspend(dest, exc.reply)
-                return None
+                return None, None
             self.hop_health[dest.hop.name].failures = 0
             setup = conn.setup_seconds
             fresh = True
@@ -389,30 +426,68 @@ class Scheduler:
         problem = self._cannot_send(conn, message, utf8)
         if problem is not None:
             self._fail(job, problem, conn.relay, started, setup)
-            return conn
+            return conn, flight
         bucket = self.buckets.get(dest.hop.name)
         if bucket is not None:
             waited = await bucket.acquire()  # the mail waits in the queue, never refused
             if self.metrics is not None and waited:
                 self.metrics.rate_wait.labels(dest.hop.name).inc(waited)
         try:
-            tx = await conn.send(message.sender, message.sender_params, addresses, message.data,
-                                 checked=True)
+            if not conn.conn.caps.pipelining:
+                tx = await conn.send(message.sender, message.sender_params, addresses,
+                                     message.data, checked=True)
+                self._sent(job, tx, conn, started, setup, sending)
+                return (conn if conn.usable else None), None
+            attempt = conn.start(message.sender, message.sender_params, addresses,
+                                 message.data, checked=True)
+        except DeliveryError as exc:  # the connection is gone
+            if flight is not None:
+                await self._complete(flight, conn)
+            return self._failed_send(job, exc, conn, fresh, started, setup, sending), None
+        if flight is not None and await self._complete(flight, conn) is None:
+            self._enqueue(job, front=True)  # never answered: not an attempt, try again
+            return None, None
+        try:
+            await conn.envelope(attempt)
+            if attempt.sent_data:
+                return conn, InFlight(job, attempt, started, setup, sending)
+            tx = await conn.end(attempt)
+        except DeliveryError as exc:
+            return self._failed_send(job, exc, conn, fresh, started, setup, sending), None
+        self._sent(job, tx, conn, started, setup, sending)
+        return (conn if conn.usable else None), None
+
+    async def _complete(self, flight: InFlight, conn: HopConnection | None
+                        ) -> HopConnection | None:
+        """Read ``flight``'s final reply and record it; the connection, if still good."""
+        assert conn is not None
+        try:
+            tx = await conn.end(flight.attempt, reset=False)
         except DeliveryError as exc:
             conn.close()
-            if not fresh and not job.reuse_retry and "MAIL FROM" in exc.reply.text:
-                job.reuse_retry = True  # the server dropped an idle connection: retry fresh
-                self._enqueue(job, front=True)
-                return None
-            self._fail(job, exc.reply, exc.relay, started, setup,
-                       transmit=time.monotonic() - sending)
+            self._fail(flight.job, exc.reply, exc.relay, flight.started, flight.setup,
+                       transmit=time.monotonic() - flight.sending)
             return None
+        self._sent(flight.job, tx, conn, flight.started, flight.setup, flight.sending)
+        return conn if conn.usable else None
+
+    def _failed_send(self, job: Job, exc: DeliveryError, conn: HopConnection, fresh: bool,
+                     started: float, setup: float, sending: float) -> None:
+        conn.close()  # replies and commands may no longer pair up
+        if not fresh and not job.reuse_retry and "MAIL FROM" in exc.reply.text:
+            job.reuse_retry = True  # the server dropped an idle connection: retry fresh
+            self._enqueue(job, front=True)
+            return
+        self._fail(job, exc.reply, exc.relay, started, setup,
+                   transmit=time.monotonic() - sending)
+
+    def _sent(self, job: Job, tx: Transaction, conn: HopConnection, started: float,
+              setup: float, sending: float) -> None:
         outcomes = [(r.status, r.reply,
                      r.reply.text if r.status == "sent" else conn.said(r.reply, r.stage))
                     for r in tx.results()]
         self._finish(job, outcomes, conn.relay, conn.target.host, started, setup,
                      time.monotonic() - sending)
-        return conn if conn.usable else None
 
     def _cannot_send(self, conn: HopConnection, message: Message, utf8: bool) -> Reply | None:
         caps = conn.conn.caps
