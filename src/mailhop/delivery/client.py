@@ -66,6 +66,11 @@ def tls_context(hop: NextHopConfig) -> ssl.SSLContext:
     return ctx
 
 
+def _wake_up(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class ClientProtocol(asyncio.Protocol):
     """Feeds bytes to the client engine and queues the paired replies."""
 
@@ -121,6 +126,7 @@ class HopConnection:
         self.last_used = time.monotonic()
         self.messages = 0
         self.setup_seconds = 0.0
+        self._out: list[bytes] = []
 
     @property
     def relay(self) -> str:
@@ -132,10 +138,22 @@ class HopConnection:
         return not self.proto.closed and self.proto.error is None
 
     def _write(self, data: bytes) -> None:
-        transport = self.proto.transport
-        if transport is None or self.proto.closed:
+        """Queue ``data``; it goes out, with whatever follows it, before the next read.
+
+        Why: message data and the next envelope are written by different
+        steps; corked together they cost one ``send`` and one segment.
+        """
+        if self.proto.transport is None or self.proto.closed:
             raise self._lost("sending")
-        transport.write(data)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        if self._out:
+            transport = self.proto.transport
+            out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            self._out.clear()
+            if transport is not None and not self.proto.closed and not transport.is_closing():
+                transport.write(out)
 
     def _lost(self, stage: str) -> DeliveryError:
         why = self.proto.error or "lost connection"
@@ -143,19 +161,25 @@ class HopConnection:
                              self.relay)
 
     async def _read(self, tag: str, timeout: float, stage: str) -> Reply:
+        self._flush()
         proto = self.proto
-        deadline = time.monotonic() + timeout
-        while not proto.replies:
-            if proto.closed or proto.error:
-                raise self._lost(stage)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeliveryError(Reply.of(451, "4.4.2", f"conversation with {self.relay} "
-                                             f"timed out while {stage}"), self.relay)
-            proto.waiter = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(proto.waiter, remaining)
-            proto.waiter = None
+        if not proto.replies:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while not proto.replies:
+                if proto.closed or proto.error:
+                    raise self._lost(stage)
+                if loop.time() >= deadline:
+                    raise DeliveryError(Reply.of(451, "4.4.2", f"conversation with "
+                                                 f"{self.relay} timed out while {stage}"),
+                                        self.relay)
+                waiter = proto.waiter = loop.create_future()
+                timer = loop.call_at(deadline, _wake_up, waiter)  # cheaper than wait_for
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+                    proto.waiter = None
         got, reply = proto.replies.popleft()
         if got != tag:  # cannot happen unless the engine and binding disagree
             raise DeliveryError(Reply.of(451, "4.5.0", f"reply for {got}, expected {tag}"),
@@ -384,9 +408,10 @@ class HopConnection:
         transport = self.proto.transport
         if transport is None or self.proto.closed:
             return
-        if quit:
-            with contextlib.suppress(Exception):
-                transport.write(self.conn.quit())
+        with contextlib.suppress(Exception):  # a transport aborted mid-handshake
+            if quit and not transport.is_closing():
+                self._out.append(self.conn.quit())
+            self._flush()
         transport.close()
 
 

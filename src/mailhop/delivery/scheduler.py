@@ -39,6 +39,7 @@ from .resolver import Resolver
 from .router import Router
 
 SCAN_BATCH = 500
+LOAD_BATCH = 100  # messages read from the spool in one trip to its reader thread
 MAX_IN_MEMORY = 20_000  # messages; beyond this new mail waits for the scan
 
 
@@ -322,19 +323,19 @@ class Scheduler:
 
     async def _scan(self) -> None:
         now = time.time()
-        for queue_id in await self.spool.due(now, SCAN_BATCH):
-            if self._stopping or len(self.messages) >= MAX_IN_MEMORY:
+        due = await self.spool.due(now, SCAN_BATCH)
+        room = MAX_IN_MEMORY - len(self.messages)
+        wanted = [q for q in due if q not in self.messages][:max(0, room)]
+        for start in range(0, len(wanted), LOAD_BATCH):
+            if self._stopping:
                 return
-            if queue_id in self.messages:
-                continue
-            loaded = await self.spool.load_due(queue_id, now)
-            if loaded is None or queue_id in self.messages:
-                continue
-            qm, data = loaded
-            self.cancelled.discard(queue_id)
-            env = qm.envelope
-            self._submit(Message(queue_id, qm.arrival, env.sender, env.sender_params, data),
-                         env.recipients)
+            for qm, data in await self.spool.load_due(wanted[start:start + LOAD_BATCH], now):
+                if qm.queue_id in self.messages or self._stopping:
+                    continue
+                self.cancelled.discard(qm.queue_id)
+                env = qm.envelope
+                self._submit(Message(qm.queue_id, qm.arrival, env.sender, env.sender_params,
+                                     data), env.recipients)
 
     # -- workers ------------------------------------------------------------
     def _next_job(self, dest: Destination) -> Job | None:

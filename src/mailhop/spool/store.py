@@ -359,9 +359,14 @@ class Spool:
             " WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ? AND m.held = 0"
             " ORDER BY r.message LIMIT ?", (now, limit))])
 
-    async def load_due(self, queue_id: str, now: float) -> tuple[QueuedMessage, bytes] | None:
-        """A message with only its due, pending recipients, and its body."""
-        def load(db: sqlite3.Connection) -> tuple[QueuedMessage, bytes] | None:
+    async def load_due(self, queue_ids: list[str], now: float
+                       ) -> list[tuple[QueuedMessage, bytes]]:
+        """These messages, each with only its due, pending recipients, and its body.
+
+        One trip to the reader thread for the lot: a scan after an outage
+        or a flush hands the scheduler its whole batch at once.
+        """
+        def load_one(db: sqlite3.Connection, queue_id: str) -> tuple[QueuedMessage, bytes] | None:
             row = db.execute("SELECT * FROM message WHERE id = ? AND held = 0",
                              (queue_id,)).fetchone()
             if row is None:
@@ -374,6 +379,9 @@ class Spool:
             body = (bytes(row["body"]) if row["body_file"] is None
                     else (self.body_dir / row["body_file"]).read_bytes())
             return _row_to_message(row, rcpts), body
+
+        def load(db: sqlite3.Connection) -> list[tuple[QueuedMessage, bytes]]:
+            return [m for m in (load_one(db, q) for q in queue_ids) if m is not None]
         return await self._read(load)
 
     async def stats(self) -> dict[str, int]:
