@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailhop.protocol import ServerConfig
+from mailhop.protocol.client import dot_stuff
 
 REPLY_LINE = re.compile(rb"^[2-5][0-5]\d[ -][^\r\n]*$")
 
@@ -102,3 +103,7 @@ def test_message_bytes_round_trip(body: bytes, cuts: list[int]) -> None:
     received = [e for e in events if type(e).__name__ == "MessageReceived"]
     assert len(received) == 1
     assert received[0].data == canonical  # type: ignore[attr-defined]
+    # "dotless" lets delivery skip the stuffing pass: it must never be wrong.
+    dotless = received[0].dotless  # type: ignore[attr-defined]
+    assert dotless == (not canonical.startswith(b".") and b"\r\n." not in canonical)
+    assert dot_stuff(canonical, checked=True, dotless=dotless) == stuffed + b".\r\n"

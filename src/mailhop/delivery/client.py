@@ -110,6 +110,7 @@ class Attempt:
     tx: Transaction
     data: bytes
     checked: bool
+    dotless: bool = False
     sent_data: bool = False
 
 
@@ -317,7 +318,7 @@ class HopConnection:
         return await self.end(attempt)
 
     def start(self, sender: str, sender_params: dict[str, str | None], recipients: list[str],
-              data: bytes, *, checked: bool = False) -> Attempt:
+              data: bytes, *, checked: bool = False, dotless: bool = False) -> Attempt:
         """Write ``MAIL``, every ``RCPT`` and ``DATA`` at once (RFC 2920; PIPELINING only).
 
         Nothing is read here, so the caller may still be waiting for the
@@ -325,7 +326,7 @@ class HopConnection:
         """
         utf8 = "SMTPUTF8" in sender_params
         params = self.mail_params(len(data), sender_params, utf8)
-        attempt = Attempt(Transaction(list(recipients)), data, checked)
+        attempt = Attempt(Transaction(list(recipients)), data, checked, dotless)
         try:
             for address in (sender, *recipients):  # before any command is registered
                 check_envelope(address)
@@ -373,7 +374,7 @@ class HopConnection:
         if tx.data is not None and tx.data.code == 354:
             try:
                 self._write(self.conn.message(attempt.data if tx.accepted else b"",
-                                              checked=attempt.checked))
+                                              checked=attempt.checked, dotless=attempt.dotless))
             except ClientProtocolError as exc:
                 raise self._unsendable(exc) from None
             attempt.sent_data = True

@@ -115,6 +115,7 @@ class Message:
     sender_params: dict[str, str | None]
     data: bytes
     jobs_left: int = 0
+    dotless: bool = False  # known to have no line that begins with "." (skip stuffing)
     total: int = 0  # all recipients of the message, when all were pending at submission
 
 
@@ -247,7 +248,8 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
 
     # -- intake -------------------------------------------------------------
-    def submit_new(self, queue_id: str, env: Envelope, data: bytes, arrival: float) -> None:
+    def submit_new(self, queue_id: str, env: Envelope, data: bytes, arrival: float,
+                   dotless: bool = False) -> None:
         """A message the listener just committed; its bytes are still in memory."""
         if self._stopping or queue_id in self.messages:
             return
@@ -257,7 +259,7 @@ class Scheduler:
         for i, rcpt in enumerate(env.recipients):
             rcpt.idx = i
         self._submit(Message(queue_id, arrival, env.sender, dict(env.sender_params), data,
-                             total=len(env.recipients)), env.recipients)
+                             total=len(env.recipients), dotless=dotless), env.recipients)
 
     def _submit(self, message: Message, recipients: list[Recipient]) -> None:
         now = time.monotonic()
@@ -440,7 +442,7 @@ class Scheduler:
                 self._sent(job, tx, conn, started, setup, sending)
                 return (conn if conn.usable else None), None
             attempt = conn.start(message.sender, message.sender_params, addresses,
-                                 message.data, checked=True)
+                                 message.data, checked=True, dotless=message.dotless)
         except DeliveryError as exc:  # the connection is gone
             if flight is not None:
                 await self._complete(flight, conn)

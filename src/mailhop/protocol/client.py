@@ -143,12 +143,13 @@ def encode_params(params: dict[str, str | None]) -> str:
     return (" " + " ".join(parts)) if parts else ""
 
 
-def dot_stuff(data: bytes, *, checked: bool = False) -> bytes:
+def dot_stuff(data: bytes, *, checked: bool = False, dotless: bool = False) -> bytes:
     """Wire form of message data: dot-stuffed and terminated with ``.CRLF``.
 
     ``checked`` skips the bare CR/LF test for data that passed it on the
     way in (everything in the spool did): on a large message that test is
-    three full passes over the bytes.
+    three full passes over the bytes.  ``dotless`` (the receiving engine
+    found no line beginning with a dot) skips the stuffing pass too.
     """
     if not checked:
         crlf = data.count(b"\r\n")
@@ -156,7 +157,7 @@ def dot_stuff(data: bytes, *, checked: bool = False) -> bytes:
             raise ClientProtocolError("message contains bare CR or LF; refusing to send it")
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
-    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    stuffed = data if dotless else data.replace(b"\r\n.", b"\r\n..")
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
     return stuffed + b".\r\n"
@@ -249,9 +250,9 @@ class ClientConnection:
         return self.mail(sender, params) + b"".join(self.rcpt(r) for r in recipients) + \
             self.data()
 
-    def message(self, data: bytes, *, checked: bool = False) -> bytes:
+    def message(self, data: bytes, *, checked: bool = False, dotless: bool = False) -> bytes:
         self._expect.append("end")
-        return dot_stuff(data, checked=checked)
+        return dot_stuff(data, checked=checked, dotless=dotless)
 
     def rset(self) -> bytes:
         return self._command("rset", "RSET")

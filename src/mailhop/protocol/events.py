@@ -59,6 +59,7 @@ class MessageReceived:
     sender_params: Params
     recipients: tuple[tuple[str, Params], ...]
     data: bytes
+    dotless: bool = False  # no line begins with ".", so the wire form needs no stuffing
 
 
 @dataclass(frozen=True, slots=True)

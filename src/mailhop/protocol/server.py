@@ -568,7 +568,9 @@ class ServerConnection:
         self.state = State.COMMAND
         problem = R_TOO_BIG if self._too_big else _check_data(raw)
         if problem is None:
-            data = raw.replace(b"\r\n.", b"\r\n")[2:]
+            unstuffed = raw.replace(b"\r\n.", b"\r\n")
+            dotless = len(unstuffed) == len(raw)
+            data = unstuffed[2:]
             if len(data) > self._cfg.max_message_size:
                 problem = R_TOO_BIG
         if problem is not None:
@@ -576,7 +578,7 @@ class ServerConnection:
             self._reply(problem)
             return True
         return MessageReceived(self.sender or "", self.sender_params, tuple(self.recipients),
-                               data)
+                               data, dotless)
 
     def _reset_transaction(self) -> None:
         self.sender = None

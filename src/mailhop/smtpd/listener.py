@@ -82,7 +82,7 @@ class Listener:
     """One ``[[listen]]`` entry: its engine settings, policy, TLS and sessions."""
 
     def __init__(self, cfg: ListenConfig, hostname: str, spool: Spool, maillog: MailLog,
-                 on_queued: Callable[[str, Envelope, bytes, float], None] | None = None,
+                 on_queued: Callable[[str, Envelope, bytes, float, bool], None] | None = None,
                  metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.hostname = hostname
@@ -402,7 +402,7 @@ class Session(asyncio.Protocol):
                  " (queue active)", queue_id, sender=event.sender, size=len(data),
                  nrcpt=len(env.recipients))
         if lst.on_queued is not None:
-            lst.on_queued(queue_id, env, data, time.time())
+            lst.on_queued(queue_id, env, data, time.time(), event.dotless)
 
     def _received_header(self, queue_id: str, protocol: str, event: MessageReceived) -> bytes:
         conn = self.conn
