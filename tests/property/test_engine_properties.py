@@ -7,6 +7,7 @@ yields the same events and the same replies (TCP may split anywhere).
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from conftest import EngineDriver
@@ -14,6 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailhop.protocol import ServerConfig
+from mailhop.protocol.address import (
+    _DOT_STRING,
+    _QUOTED,
+    _SIMPLE,
+    MAX_DOMAIN,
+    MAX_LOCAL,
+    AddressError,
+    valid_domain,
+    validate_mailbox,
+)
 from mailhop.protocol.client import dot_stuff
 
 REPLY_LINE = re.compile(rb"^[2-5][0-5]\d[ -][^\r\n]*$")
@@ -107,3 +118,28 @@ def test_message_bytes_round_trip(body: bytes, cuts: list[int]) -> None:
     dotless = received[0].dotless  # type: ignore[attr-defined]
     assert dotless == (not canonical.startswith(b".") and b"\r\n." not in canonical)
     assert dot_stuff(canonical, checked=True, dotless=dotless) == stuffed + b".\r\n"
+
+
+ADDRESS_CHARS = "ab.-@_+\"[]:\\ \x7fé9" + "x" * 5
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=ADDRESS_CHARS, max_size=80), st.integers(0, 70), st.integers(0, 70))
+def test_address_fast_path_agrees_with_the_full_rules(text: str, local: int, label: int) -> None:
+    """The one-regex fast path accepts nothing that the label-by-label rules refuse."""
+    for address in (text, "l" * local + "@" + "d" * label + ".test", "a@" + text):
+        fast = bool(_SIMPLE.fullmatch(address)) and address.index("@") <= MAX_LOCAL \
+            and len(address) - address.index("@") <= MAX_DOMAIN + 1
+        full = _full_rules(address)
+        assert not fast or full, address
+        with contextlib.suppress(AddressError):
+            validate_mailbox(address)
+            assert full, address  # and the public function agrees with the full rules
+
+
+def _full_rules(address: str) -> bool:
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and len(local.encode()) <= MAX_LOCAL
+                and (_DOT_STRING.match(local) or _QUOTED.match(local))
+                and valid_domain(domain) and address.isascii()
+                and not any(ord(c) < 32 or ord(c) == 127 for c in address))

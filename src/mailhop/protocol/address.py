@@ -58,8 +58,16 @@ def valid_domain(domain: str, utf8: bool = False) -> bool:
     return all(label.match(part) and len(part) <= 63 for part in domain.split("."))
 
 
+# The common case in one regex: ASCII dot-string local part, ASCII host name.
+_SIMPLE = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@[A-Za-z0-9](?:[A-Za-z0-9\-]{{0,61}}"
+                     rf"[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{{0,61}}[A-Za-z0-9])?)*")
+
+
 def validate_mailbox(address: str, utf8: bool = False) -> None:
     """Raise :class:`AddressError` unless ``address`` is ``local@domain``."""
+    if (_SIMPLE.fullmatch(address) and address.index("@") <= MAX_LOCAL
+            and len(address) - address.index("@") <= MAX_DOMAIN + 1):
+        return  # what the checks below would accept, without their per-label work
     if _has_controls(address):
         raise AddressError("control characters in address")
     if not utf8 and needs_utf8(address):
@@ -82,6 +90,14 @@ def split_path(arg: str) -> tuple[str, str]:
     arg = arg.lstrip(" ")
     if not arg.startswith("<"):
         raise AddressError("path must be enclosed in <>")
+    if '"' not in arg:  # no quoted local part: the first ">" closes the path
+        close = arg.find(">")
+        if close < 0:
+            raise AddressError("unterminated path")
+        rest = arg[close + 1 :]
+        if rest and not rest.startswith(" "):
+            raise AddressError("garbage after path")
+        return arg[1:close], rest.strip(" ")
     quoted = escaped = False
     for i in range(1, len(arg)):
         ch = arg[i]

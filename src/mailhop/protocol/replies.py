@@ -83,19 +83,22 @@ class ReplyParser:
         self._code = 0
 
     def feed(self, data: bytes) -> list[Reply]:
-        self._buf += data
+        buf = self._buf
+        buf += data
+        if b"\n" not in data:
+            if len(buf) > self.MAX_LINE:
+                raise ValueError("reply line too long")
+            return []
+        *lines, rest = bytes(buf).split(b"\r\n")
+        if len(rest) > self.MAX_LINE:
+            raise ValueError("reply line too long")
+        self._buf = bytearray(rest)
         replies: list[Reply] = []
-        while True:
-            end = self._buf.find(b"\r\n")
-            if end < 0:
-                if len(self._buf) > self.MAX_LINE:
-                    raise ValueError("reply line too long")
-                return replies
-            raw = bytes(self._buf[:end])
-            del self._buf[: end + 2]
+        for raw in lines:
             reply = self._line(raw)
             if reply is not None:
                 replies.append(reply)
+        return replies
 
     @property
     def buffered(self) -> int:
@@ -106,17 +109,21 @@ class ReplyParser:
         self._buf.clear()
 
     def _line(self, raw: bytes) -> Reply | None:
-        if len(raw) < 3 or not raw[:3].isdigit() or (len(raw) > 3 and raw[3:4] not in b" -"):
+        sep = raw[3:4]
+        if len(raw) < 3 or not raw[:3].isdigit() or (sep and sep not in b" -"):
             raise ValueError(f"malformed reply line: {raw[:60]!r}")
         code = int(raw[:3])
+        text = raw[4:].decode("utf-8", "replace")
+        if not self._pending and sep != b"-":  # the usual one-line reply
+            enhanced, first = enhanced_of(text)
+            return Reply(code, enhanced, (first,))
         if self._pending and code != self._code:
             raise ValueError("reply code changed inside a multi-line reply")
         self._code = code
-        text = raw[4:].decode("utf-8", "replace")
         self._pending.append(text)
         if len(self._pending) > self.MAX_LINES:
             raise ValueError("too many reply lines")
-        if raw[3:4] == b"-":
+        if sep == b"-":
             return None
         lines = self._pending
         self._pending = []

@@ -128,6 +128,7 @@ class ServerConnection:
         "_buf",
         "_cfg",
         "_discarding",
+        "_dot_lines",
         "_errors",
         "_out",
         "_pending",
@@ -153,6 +154,7 @@ class ServerConnection:
         self._discarding = False
         self._scan_from = 0
         self._too_big = False
+        self._dot_lines = False
         self._auth_mech = ""
         self._auth_step = 0
         self._auth_user = ""
@@ -430,6 +432,7 @@ class ServerConnection:
             self._buf[0:0] = b"\r\n"  # lets an empty message end at offset 0
             self._scan_from = 0
             self._too_big = False
+            self._dot_lines = False
 
     def _rset(self, arg: str) -> None:
         if arg:
@@ -553,24 +556,36 @@ class ServerConnection:
 
     # -- DATA -------------------------------------------------------------
     def _scan_data(self) -> MessageReceived | bool | None:
+        """Find the end of the data; note on the way whether any line begins with a dot.
+
+        Looking for ``CRLF .`` instead of ``CRLF . CRLF`` costs the same pass
+        (the search stops at every CRLF either way) and tells whether the
+        message needs unstuffing at all, and later stuffing again.
+        """
         buf = self._buf
-        end = buf.find(b"\r\n.\r\n", self._scan_from)
-        if end < 0:
-            keep = 4
-            if len(buf) > self._cfg.max_message_size + 64 * 1024:
-                # Too big: stop storing, keep scanning for the end marker.
-                self._too_big = True
-                del buf[: len(buf) - keep]
-            self._scan_from = max(0, len(buf) - keep)
-            return None
-        raw = bytes(buf[: end + 2])
-        del buf[: end + 5]
+        pos = self._scan_from
+        while True:
+            pos = buf.find(b"\r\n.", pos)
+            if pos < 0 or pos + 5 > len(buf):
+                if pos < 0:
+                    pos = max(0, len(buf) - 2)  # a CRLF . may straddle two reads
+                if len(buf) > self._cfg.max_message_size + 64 * 1024:
+                    # Too big: stop storing, keep scanning for the end marker.
+                    self._too_big = True
+                    del buf[: pos]
+                    pos = 0
+                self._scan_from = pos
+                return None
+            if buf[pos + 3 : pos + 5] == b"\r\n":
+                break
+            self._dot_lines = True
+            pos += 3
+        raw = bytes(buf[: pos + 2])
+        del buf[: pos + 5]
         self.state = State.COMMAND
         problem = R_TOO_BIG if self._too_big else _check_data(raw)
         if problem is None:
-            unstuffed = raw.replace(b"\r\n.", b"\r\n")
-            dotless = len(unstuffed) == len(raw)
-            data = unstuffed[2:]
+            data = (raw.replace(b"\r\n.", b"\r\n") if self._dot_lines else raw)[2:]
             if len(data) > self._cfg.max_message_size:
                 problem = R_TOO_BIG
         if problem is not None:
@@ -578,7 +593,7 @@ class ServerConnection:
             self._reply(problem)
             return True
         return MessageReceived(self.sender or "", self.sender_params, tuple(self.recipients),
-                               data, dotless)
+                               data, not self._dot_lines)
 
     def _reset_transaction(self) -> None:
         self.sender = None
