@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import resource
 import signal
 from dataclasses import replace
@@ -183,9 +182,6 @@ class Node:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.spool.close)
             raise
-        # Everything loaded so far (modules, config, TLS contexts) lives as long as the
-        # node: keep the collector from walking it again on every full collection.
-        gc.freeze()
         await self.stopped.wait()
         await self.stop()
 

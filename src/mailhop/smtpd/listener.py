@@ -191,20 +191,8 @@ class Listener:
 
 class Session(asyncio.Protocol):
     __slots__ = (
-        "_admitted",
-        "_storing",
-        "addr",
-        "auth_failures",
-        "client",
-        "conn",
-        "counts",
-        "data_started",
-        "last_activity",
-        "last_auth_mech",
-        "last_command",
-        "listener",
-        "transport",
-        "trusted",
+        "_admitted", "addr", "auth_failures", "client", "conn", "counts", "data_started",
+        "last_activity", "last_auth_mech", "last_command", "listener", "transport", "trusted",
         "waiting",
     )
 
@@ -223,7 +211,6 @@ class Session(asyncio.Protocol):
         self.last_auth_mech = ""
         self.counts: dict[str, int] = {}
         self._admitted = False
-        self._storing: tuple[str, Envelope, bytes, bool] | None = None
 
     @property
     def busy(self) -> bool:
@@ -321,11 +308,7 @@ class Session(asyncio.Protocol):
                     conn.reject(refusal)
             elif isinstance(event, MessageReceived):
                 self._count("data")
-                commit = self._store(event)
-                if commit is None:
-                    continue  # answered without the spool (loop, store error)
-                self.waiting = True
-                commit.add_done_callback(self._committed)
+                self._wait(self._store(event))
                 break
             elif isinstance(event, AuthRequest):
                 self._count("auth")
@@ -365,28 +348,17 @@ class Session(asyncio.Protocol):
         self.waiting = False
         self.last_activity = time.monotonic()
         if task.cancelled() or task.exception() is not None:
-            self._internal_error(None if task.cancelled() else task.exception())
+            if not task.cancelled():
+                self.listener.maillog.warning("smtpd", f"internal error: {task.exception()!r}")
+            self.shutdown(Reply.of(421, "4.3.0", "Error: internal error, try again later"))
             return
-        self._carry_on()
-
-    def _internal_error(self, exc: BaseException | None) -> None:
-        if exc is not None:
-            self.listener.maillog.warning("smtpd", f"internal error: {exc!r}")
-        self.shutdown(Reply.of(421, "4.3.0", "Error: internal error, try again later"))
-
-    def _carry_on(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         self.transport.resume_reading()
         self._pump()
 
     # -- the questions ------------------------------------------------------
-    def _store(self, event: MessageReceived) -> asyncio.Future[None] | None:
-        """Hand the message to the spool writer; None if it was answered without it.
-
-        A plain future and a callback (:meth:`_committed`), not a task per
-        message: this runs once for every message a node accepts.
-        """
+    async def _store(self, event: MessageReceived) -> None:
         conn = self.conn
         lst = self.listener
         self.data_started = 0.0
@@ -396,7 +368,7 @@ class Session(asyncio.Protocol):
         if len(_RECEIVED.findall(headers)) > MAX_HOPS:
             self._log_reject("END-OF-MESSAGE", R_LOOP, None, event.sender)
             conn.reject(R_LOOP)
-            return None
+            return
         match = _MESSAGE_ID.search(headers)
         message_id = match.group(1).decode("utf-8", "replace").strip() if match else ""
         queue_id = lst.spool.ids.next()
@@ -411,42 +383,13 @@ class Session(asyncio.Protocol):
             auth_user=conn.authenticated, listener=lst.cfg.name, message_id=message_id,
         )
         data = received + body
-        self._storing = (queue_id, env, data, event.dotless)
         try:
-            return lst.spool.submit(queue_id, env, data)
+            await lst.spool.enqueue(queue_id, env, data)
         except StoreError as exc:
-            self._store_failed(queue_id, exc)
-            return None
-
-    def _store_failed(self, queue_id: str, exc: StoreError) -> None:
-        lst = self.listener
-        lst.maillog.warning("cleanup", f"{queue_id}: queue file write error: {exc}")
-        self.conn.reject(R_STORE_FULL if exc.full else R_STORE_FAILED)
-
-    def _committed(self, commit: asyncio.Future[None]) -> None:
-        """The spool answered: 250 only now that the message is on disk, or 4xx."""
-        self.waiting = False
-        self.last_activity = time.monotonic()
-        assert self._storing is not None
-        queue_id, env, data, dotless = self._storing
-        self._storing = None
-        try:
-            exc = None if commit.cancelled() else commit.exception()
-            if commit.cancelled() or (exc is not None and not isinstance(exc, StoreError)):
-                self._internal_error(exc)
-                return
-            if isinstance(exc, StoreError):
-                self._store_failed(queue_id, exc)
-            else:
-                self._queued(queue_id, env, data, dotless)
-        except Exception as error:  # a bug here must not leave the client hanging
-            self._internal_error(error)
+            reply = R_STORE_FULL if exc.full else R_STORE_FAILED
+            lst.maillog.warning("cleanup", f"{queue_id}: queue file write error: {exc}")
+            conn.reject(reply)
             return
-        self._carry_on()
-
-    def _queued(self, queue_id: str, env: Envelope, data: bytes, dotless: bool) -> None:
-        conn = self.conn
-        lst = self.listener
         conn.accept(f"Ok: queued as {queue_id}")
         if lst.metrics is not None:
             lst.metrics.received.labels(lst.cfg.name).inc()
@@ -454,13 +397,12 @@ class Session(asyncio.Protocol):
         auth = (f", sasl_method={self.last_auth_mech}, sasl_username={conn.authenticated}"
                 if conn.authenticated else "")
         log.emit("smtpd", f"client={self.client}{auth}", queue_id, client=self.addr)
-        log.emit("cleanup", f"message-id={env.message_id}", queue_id,
-                 message_id=env.message_id)
-        log.emit("qmgr", f"from=<{env.sender}>, size={len(data)}, nrcpt={len(env.recipients)}"
-                 " (queue active)", queue_id, sender=env.sender, size=len(data),
+        log.emit("cleanup", f"message-id={message_id}", queue_id, message_id=message_id)
+        log.emit("qmgr", f"from=<{event.sender}>, size={len(data)}, nrcpt={len(env.recipients)}"
+                 " (queue active)", queue_id, sender=event.sender, size=len(data),
                  nrcpt=len(env.recipients))
         if lst.on_queued is not None:
-            lst.on_queued(queue_id, env, data, time.time(), dotless)
+            lst.on_queued(queue_id, env, data, time.time(), event.dotless)
 
     def _received_header(self, queue_id: str, protocol: str, event: MessageReceived) -> bytes:
         conn = self.conn

@@ -342,18 +342,13 @@ class Spool:
 
     async def enqueue(self, queue_id: str, env: Envelope, data: bytes) -> None:
         """Store a message durably.  Raises :class:`StoreError` if it is not."""
-        await self.submit(queue_id, env, data)
-
-    def submit(self, queue_id: str, env: Envelope, data: bytes) -> asyncio.Future[None]:
-        """:meth:`enqueue` without a coroutine: the future is done once the message is
-        durable, or fails with :class:`StoreError`."""
         if self._writer is None:
             raise StoreError("spool is not open")
         insert = self.prepare(queue_id, env, data)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._jobs.put(_Job(None, loop, future, insert))
-        return future
+        await future
 
     # -- reads for the scheduler (one reader thread, its own connection) -------
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
