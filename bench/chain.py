@@ -45,7 +45,7 @@ def measure(kind: str, hops: int, messages: int, sessions: int, size: int) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20000)
-    parser.add_argument("--large-messages", type=int, default=5000,
+    parser.add_argument("--large-messages", type=int, default=20000,
                         help="messages for sizes over 64 KiB")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--sizes", default="4096,102400")
