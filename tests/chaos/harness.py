@@ -229,6 +229,7 @@ class FaultyProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        n = self.connections  # before any await: each connection its own number
         if self.hang:
             await asyncio.sleep(3600)  # cancelled when the client gives up
             return
@@ -237,7 +238,6 @@ class FaultyProxy:
         except OSError:
             writer.transport.abort()
             return
-        n = self.connections
         mode = self.MODES[(n // self.fault_every) % len(self.MODES)] \
             if self.fault_every and n % self.fault_every == 0 else None
         state = {"dot": False, "data": 0}
@@ -382,6 +382,11 @@ def scenario_lossy(directory: Path, seconds: float = 8.0) -> Outcome:
     load = Load(chain.ingress.host, chain.ingress.port, sessions=2, batch=20, pause=0.2).start()
     try:
         time.sleep(seconds)
+        # Every kind of reset must have happened; a pipelining client reuses its
+        # connections well, so on a slow day that can take a little longer.
+        deadline = time.monotonic() + 3 * seconds
+        while len(proxy.faults) < len(FaultyProxy.MODES) and time.monotonic() < deadline:
+            time.sleep(0.2)
         load.stop()
         chain.wait_drained(timeout=180)
         time.sleep(0.5)
