@@ -77,6 +77,19 @@ def test_envelope_injection_refused() -> None:
         client.mail("a@b.c", {"ENVID": "x\r\nQUIT"})
 
 
+def test_refused_commands_register_no_reply() -> None:
+    """A transaction or message that cannot be built leaves replies pairing as before."""
+    client = ClientConnection("relay.test")
+    client.receive_data(b"220 mx\r\n")
+    with pytest.raises(ClientProtocolError):
+        client.transaction("a@b.c", {}, ["ok@y.z", "x@y\nDATA"])
+    with pytest.raises(ClientProtocolError):
+        client.message(b"bare\nLF\r\n")
+    assert client.waiting == 0
+    client.rset()
+    assert client.receive_data(b"250 2.0.0 Ok\r\n") == [("rset", Reply.of(250, "2.0.0", "Ok"))]
+
+
 def test_dot_stuffing_and_bare_newlines() -> None:
     assert dot_stuff(b".a\r\nb\r\n..c\r\n") == b"..a\r\nb\r\n...c\r\n.\r\n"
     assert dot_stuff(b"") == b".\r\n"

@@ -22,12 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..config import DeliveryConfig, NextHopConfig
-from ..protocol.client import (
-    ClientConnection,
-    ClientProtocolError,
-    Transaction,
-    check_envelope,
-)
+from ..protocol.client import ClientConnection, ClientProtocolError, Transaction
 from ..protocol.replies import Reply
 from .connect import ConnectFailed, FamilyMemory, connect_staggered
 from .credentials import Credentials
@@ -290,8 +285,8 @@ class HopConnection:
                                              f"said: {reply.text}",))), self.relay)
 
     # -- mail ---------------------------------------------------------------
-    def mail_params(self, size: int, sender_params: dict[str, str | None],
-                    utf8: bool) -> dict[str, str | None]:
+    def mail_params(self, size: int, sender_params: dict[str, str | None]
+                    ) -> dict[str, str | None]:
         caps = self.conn.caps
         params: dict[str, str | None] = {}
         if caps.size is not None:
@@ -299,7 +294,7 @@ class HopConnection:
         body = (sender_params.get("BODY") or "").upper()
         if body == "8BITMIME" and caps.eightbitmime:
             params["BODY"] = "8BITMIME"
-        if utf8:
+        if "SMTPUTF8" in sender_params:
             params["SMTPUTF8"] = None
         return params
 
@@ -324,12 +319,9 @@ class HopConnection:
         Nothing is read here, so the caller may still be waiting for the
         previous message's final reply: that reply comes first, then these.
         """
-        utf8 = "SMTPUTF8" in sender_params
-        params = self.mail_params(len(data), sender_params, utf8)
+        params = self.mail_params(len(data), sender_params)
         attempt = Attempt(Transaction(list(recipients)), data, checked, dotless)
         try:
-            for address in (sender, *recipients):  # before any command is registered
-                check_envelope(address)
             wire = self.conn.transaction(sender, params, recipients)
         except ClientProtocolError as exc:
             raise self._unsendable(exc) from None
@@ -350,7 +342,7 @@ class HopConnection:
                         recipients: list[str], data: bytes, checked: bool) -> Attempt:
         """A server without PIPELINING: one command, one reply."""
         s = self.settings
-        params = self.mail_params(len(data), sender_params, "SMTPUTF8" in sender_params)
+        params = self.mail_params(len(data), sender_params)
         attempt = Attempt(Transaction(list(recipients)), data, checked)
         tx = attempt.tx
         try:

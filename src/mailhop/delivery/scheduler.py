@@ -443,7 +443,7 @@ class Scheduler:
                 return (conn if conn.usable else None), None
             attempt = conn.start(message.sender, message.sender_params, addresses,
                                  message.data, checked=True, dotless=message.dotless)
-        except DeliveryError as exc:  # the connection is gone
+        except DeliveryError as exc:  # the connection is gone, or the envelope is unsendable
             if flight is not None:
                 await self._complete(flight, conn)
             return self._failed_send(job, exc, conn, fresh, started, setup, sending), None

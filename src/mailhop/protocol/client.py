@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .replies import Reply, ReplyParser
+from .server import bare_newline
 
 _UNSAFE = re.compile(r"[\r\n\x00]")
 
@@ -148,13 +149,11 @@ def dot_stuff(data: bytes, *, checked: bool = False, dotless: bool = False) -> b
 
     ``checked`` skips the bare CR/LF test for data that passed it on the
     way in (everything in the spool did): on a large message that test is
-    three full passes over the bytes.  ``dotless`` (the receiving engine
+    a full pass over the bytes.  ``dotless`` (the receiving engine
     found no line beginning with a dot) skips the stuffing pass too.
     """
-    if not checked:
-        crlf = data.count(b"\r\n")
-        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
-            raise ClientProtocolError("message contains bare CR or LF; refusing to send it")
+    if not checked and bare_newline(data.split(b"\r\n")):
+        raise ClientProtocolError("message contains bare CR or LF; refusing to send it")
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     stuffed = data if dotless else data.replace(b"\r\n.", b"\r\n..")
@@ -246,13 +245,24 @@ class ClientConnection:
 
     def transaction(self, sender: str, params: dict[str, str | None],
                     recipients: list[str]) -> bytes:
-        """``MAIL``, every ``RCPT`` and ``DATA`` as one write (RFC 2920 pipelining)."""
-        return self.mail(sender, params) + b"".join(self.rcpt(r) for r in recipients) + \
-            self.data()
+        """``MAIL``, every ``RCPT`` and ``DATA`` as one write (RFC 2920 pipelining).
+
+        All or nothing: if one command cannot be built (an unsafe address),
+        none stays registered, so replies and commands keep pairing up.
+        """
+        mark = len(self._expect)
+        try:
+            return self.mail(sender, params) + b"".join(self.rcpt(r) for r in recipients) + \
+                self.data()
+        except ClientProtocolError:
+            while len(self._expect) > mark:
+                self._expect.pop()
+            raise
 
     def message(self, data: bytes, *, checked: bool = False, dotless: bool = False) -> bytes:
+        wire = dot_stuff(data, checked=checked, dotless=dotless)  # may refuse: register after
         self._expect.append("end")
-        return dot_stuff(data, checked=checked, dotless=dotless)
+        return wire
 
     def rset(self) -> bytes:
         return self._command("rset", "RSET")
