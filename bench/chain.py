@@ -18,28 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
-from common import Sink, load, running, wait_sent
+from common import throughput
 
 
 def measure(kind: str, hops: int, messages: int, sessions: int, size: int) -> dict:
-    sink = Sink()
-    try:
-        with tempfile.TemporaryDirectory(prefix="mailhop-bench-") as tmp, \
-                running(kind, Path(tmp), hops, sink.port, sessions) as chain:
-            cpu = chain.cpu()
-            started = time.perf_counter()
-            load(chain.entry_port, messages, sessions, size)
-            wait_sent(chain.last_log, messages)
-            seconds = time.perf_counter() - started
-            cpu = chain.cpu() - cpu
-    finally:
-        sink.stop()
-    return {"msg_s": round(messages / seconds, 1),
-            "cpu_ms_per_msg": round(cpu / messages * 1000, 3)}
+    rate, cpu = throughput(kind, hops, messages, sessions, size)
+    return {"msg_s": round(rate, 1), "cpu_ms_per_msg": round(cpu * 1000, 3)}
 
 
 def main() -> None:

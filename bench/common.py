@@ -16,10 +16,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -27,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests" / "chaos"))
 
 from support import MailhopNode, PostfixInstance, free_port, wait_port  # noqa: E402
 
+T = TypeVar("T")
 Link = Callable[[int], int]  # next hop's port -> the port to relay to instead
 # The test helper's queue settings retry in seconds; a benchmark runs with the defaults.
 QUEUE = 'min_backoff = "5m"\nmax_backoff = "1h"\nrun_delay = "60s"\n'
@@ -110,22 +113,32 @@ class Chain:
                 stop()
 
 
-def mailhop_chain(work: Path, hops: int, sink_port: int, sessions: int,
-                  link: Link | None = None) -> Chain:
-    hop = f'tls = "none"\nmax_connections = {sessions}\n'
-    listen = "max_connections_per_ip = 1000\n"
-    nodes: list[MailhopNode] = []
+def _in_a_row(hops: int, sink_port: int, link: Link | None,
+              start: Callable[[int, int], T]) -> list[T]:
+    """``start(i, next_port)`` for the last hop first; ``link`` goes after the first hop.
+
+    Returned last hop first, so ``[0]`` is the one whose log counts deliveries.
+    """
+    relays: list[T] = []
     port = sink_port
     for i in reversed(range(hops)):
         if i == 0 and link is not None and hops > 1:
             port = link(port)
-        node = MailhopNode(work / f"node{i}", name=f"node{i}", relay=f"[127.0.0.1]:{port}",
-                           hop=hop, listen=listen, queue=QUEUE).start()
-        nodes.append(node)
-        port = node.port
+        relays.append(start(i, port))
+        port = relays[-1].port  # type: ignore[attr-defined]
+    return relays
+
+
+def mailhop_chain(work: Path, hops: int, sink_port: int, sessions: int,
+                  link: Link | None = None) -> Chain:
+    hop = f'tls = "none"\nmax_connections = {sessions}\n'
+    listen = "max_connections_per_ip = 1000\n"
+    nodes = _in_a_row(hops, sink_port, link, lambda i, port: MailhopNode(
+        work / f"node{i}", name=f"node{i}", relay=f"[127.0.0.1]:{port}", hop=hop,
+        listen=listen, queue=QUEUE).start())
     assert all(n.proc is not None for n in nodes)
-    return Chain("mailhop", port, nodes[0].maillog, [n.proc.pid for n in nodes],  # type: ignore
-                 [n.stop for n in nodes])
+    return Chain("mailhop", nodes[-1].port, nodes[0].maillog,
+                 [n.proc.pid for n in nodes], [n.stop for n in nodes])  # type: ignore[union-attr]
 
 
 def postfix_chain(work: Path, hops: int, sink_port: int, sessions: int,
@@ -133,18 +146,12 @@ def postfix_chain(work: Path, hops: int, sink_port: int, sessions: int,
     extra = (f"default_destination_concurrency_limit = {sessions}\n"
              "smtpd_client_connection_count_limit = 0\ndefault_process_limit = 200\n"
              "smtp_tls_security_level = none\n")
-    instances: list[PostfixInstance] = []
-    port = sink_port
-    for i in reversed(range(hops)):
-        if i == 0 and link is not None and hops > 1:
-            port = link(port)
-        pf = PostfixInstance(work / f"postfix{i}", relayhost=f"[127.0.0.1]:{port}",
-                             main_extra=extra).start()
-        instances.append(pf)
-        port = pf.port
+    instances = _in_a_row(hops, sink_port, link, lambda i, port: PostfixInstance(
+        work / f"postfix{i}", relayhost=f"[127.0.0.1]:{port}", main_extra=extra).start())
     roots = [int((pf.dir / "queue" / "pid" / "master.pid").read_text().split()[0])
              for pf in instances]
-    return Chain("postfix", port, instances[0].maillog, roots, [pf.stop for pf in instances])
+    return Chain("postfix", instances[-1].port, instances[0].maillog, roots,
+                 [pf.stop for pf in instances])
 
 
 CHAINS = {"mailhop": mailhop_chain, "postfix": postfix_chain}
@@ -158,6 +165,24 @@ def running(kind: str, work: Path, hops: int, sink_port: int, sessions: int,
         yield chain
     finally:
         chain.stop()
+
+
+def throughput(kind: str, hops: int, messages: int, sessions: int, size: int,
+               link: Link | None = None) -> tuple[float, float]:
+    """Messages per second through a fresh chain, and the relays' CPU seconds per message."""
+    sink = Sink()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mailhop-bench-") as tmp, \
+                running(kind, Path(tmp), hops, sink.port, sessions, link) as chain:
+            cpu = chain.cpu()
+            started = time.perf_counter()
+            load(chain.entry_port, messages, sessions, size)
+            wait_sent(chain.last_log, messages)
+            seconds = time.perf_counter() - started
+            cpu = chain.cpu() - cpu
+    finally:
+        sink.stop()
+    return messages / seconds, cpu / messages
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
-from common import Sink, load, running, wait_sent
+from common import throughput
 from harness import FaultyProxy
 
 
@@ -28,18 +27,11 @@ def measure(kind: str, messages: int, connections: int, size: int, rtt: float) -
         proxies.append(FaultyProxy(port, latency=rtt / 2, fault_every=0).start())
         return proxies[-1].port
 
-    sink = Sink()
     try:
-        with tempfile.TemporaryDirectory(prefix="mailhop-rtt-") as tmp, \
-                running(kind, Path(tmp), 2, sink.port, connections, link) as chain:
-            started = time.perf_counter()
-            load(chain.entry_port, messages, connections, size)
-            wait_sent(chain.last_log, messages)
-            return messages / (time.perf_counter() - started)
+        return throughput(kind, 2, messages, connections, size, link)[0]
     finally:
         for proxy in proxies:
             proxy.stop()
-        sink.stop()
 
 
 def main() -> None:

@@ -53,10 +53,9 @@ _LOST = Reply.of(599, "", "connection lost")
 
 
 class _Session(asyncio.Protocol):
-    def __init__(self, done: asyncio.Future[None]) -> None:
+    def __init__(self) -> None:
         self.parser = ReplyParser()
         self.replies: asyncio.Queue[Reply] = asyncio.Queue()
-        self.done = done
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -81,28 +80,36 @@ class _Session(asyncio.Protocol):
         self.replies.put_nowait(_LOST)
 
 
+async def _open(host: str, port: int, result: LoadResult,
+                source: str | None = None) -> tuple[asyncio.Transport, _Session] | None:
+    """A connection past its greeting and EHLO; None (and an error noted) if not."""
+    loop = asyncio.get_running_loop()
+    try:
+        transport, proto = await loop.create_connection(
+            _Session, host, port, local_addr=(source, 0) if source else None)
+    except OSError as exc:
+        result.errors.append(f"connect: {exc}")
+        return None
+    if (await proto.get()).code != 220:
+        result.errors.append("no greeting")
+    else:
+        transport.write(b"EHLO loadgen.test\r\n")
+        if (await proto.get()).code == 250:
+            return transport, proto
+        result.errors.append("EHLO refused")
+    transport.close()
+    return None
+
+
 async def _session(host: str, port: int, tokens: asyncio.Queue[str], size: int,
                    sender: str, rcpt: str, result: LoadResult,
                    source: str | None) -> None:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    try:
-        transport, proto = await loop.create_connection(
-            lambda: _Session(done), host, port,
-            local_addr=(source, 0) if source else None)
-    except OSError as exc:
-        result.errors.append(f"connect: {exc}")
+    opened = await _open(host, port, result, source)
+    if opened is None:
         return
-    assert isinstance(proto, _Session)
+    transport, proto = opened
     get = proto.get
     try:
-        if (await get()).code != 220:
-            result.errors.append("no greeting")
-            return
-        transport.write(b"EHLO loadgen.test\r\n")
-        if (await get()).code != 250:
-            result.errors.append("EHLO refused")
-            return
         envelope = f"MAIL FROM:<{sender}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode()
         pending = b""  # the previous message's data, sent with this envelope
         previous: str | None = None
@@ -141,21 +148,13 @@ async def _paced_session(host: str, port: int, schedule: Iterator[tuple[str, flo
     message to share a write with, unlike :func:`_session`.
     """
     loop = asyncio.get_running_loop()
-    try:
-        transport, proto = await loop.create_connection(
-            lambda: _Session(loop.create_future()), host, port)
-    except OSError as exc:
-        result.errors.append(f"connect: {exc}")
+    opened = await _open(host, port, result)
+    if opened is None:
         return
-    assert isinstance(proto, _Session)
+    transport, proto = opened
     get = proto.get
     envelope = f"MAIL FROM:<{sender}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode()
     try:
-        if (await get()).code != 220:
-            result.errors.append("no greeting")
-            return
-        transport.write(b"EHLO loadgen.test\r\n")
-        await get()
         for token, due in schedule:
             delay = due - loop.time()
             if delay > 0:
@@ -193,11 +192,8 @@ async def run_load(host: str, port: int, *, messages: int, sessions: int = 20,
     With ``rate``, messages go out at that many per second instead of as
     fast as the server answers, and ``submitted`` records when each began.
     """
-    tokens: asyncio.Queue[str] = asyncio.Queue()
     stamp = prefix or f"t{time.time_ns():x}"
     names = [f"{stamp}-{i:07d}" for i in range(messages)]
-    for name in names:
-        tokens.put_nowait(name)
     result = LoadResult()
     started = time.perf_counter()
     if rate:
@@ -206,6 +202,9 @@ async def run_load(host: str, port: int, *, messages: int, sessions: int = 20,
         await asyncio.gather(*(_paced_session(host, port, schedule, size, sender, rcpt, result)
                                for _ in range(sessions)))
     else:
+        tokens: asyncio.Queue[str] = asyncio.Queue()
+        for name in names:
+            tokens.put_nowait(name)
         await asyncio.gather(*(_session(host, port, tokens, size, sender, rcpt, result, source)
                                for _ in range(sessions)))
     result.seconds = time.perf_counter() - started
